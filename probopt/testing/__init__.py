@@ -1,0 +1,1 @@
+"""Test helpers shipped with probopt (reference implementations, shared test tables)."""
