@@ -1,0 +1,1 @@
+"""ArviZ diagnostics of posterior gradient uncertainty (``pip install probopt[diagnostics]``)."""

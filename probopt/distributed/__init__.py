@@ -1,0 +1,1 @@
+"""Ray workers that score examples for importance sampling (``pip install probopt[distributed]``)."""

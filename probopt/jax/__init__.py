@@ -1,0 +1,1 @@
+"""The JAX backend: NumPyro models and optax GradientTransformations (``pip install probopt[jax]``)."""

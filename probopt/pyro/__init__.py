@@ -1,0 +1,1 @@
+"""Pyro adapters: PyroOptim factories for probopt's optimizers."""

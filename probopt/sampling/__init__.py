@@ -1,0 +1,1 @@
+"""Finite-population gradient estimation: sampling designs, survey estimators, auxiliary models."""
