@@ -17,9 +17,26 @@ __version__ = "0.1.0"
 __all__ = ["optim", "__version__"]
 
 # Note [probopt: models/ from a source checkout]
-# The top-level folder ``models/`` is installed as ``probopt.models``. When ``probopt`` is imported
-# straight from a source checkout (a regular, non-editable install with the repository root as the
-# working directory shadows the installed package), expose ``<repo>/models`` under that name too.
-_here = _Path(__file__).resolve().parent
-if not (_here / "models").is_dir() and (_here.parent / "models" / "__init__.py").is_file():
-    __path__.append(str(_here.parent))  # noqa: F821  (module __path__)
+# The top-level folder ``models/`` is installed as ``probopt.models`` (editable installs map it).
+# When ``probopt`` is imported straight from a source checkout (e.g. a regular install shadowed by
+# the repository root as working directory), nothing maps it: load ``<repo>/models`` under that
+# name explicitly. Appending the repository root to ``__path__`` instead would also expose
+# ``probopt.probopt``, ``probopt.tests``, ... and make package walkers recurse forever.
+def _expose_models_from_checkout() -> None:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("probopt.models") is not None:
+        return
+    folder = _Path(__file__).resolve().parent.parent / "models"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "probopt.models", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["probopt.models"] = module
+    spec.loader.exec_module(module)
+
+
+_expose_models_from_checkout()
