@@ -16,6 +16,7 @@ from probopt import optim
 __version__ = "0.1.0"
 __all__ = ["optim", "__version__"]
 
+
 # Note [probopt: models/ from a source checkout]
 # The top-level folder ``models/`` is installed as ``probopt.models`` (editable installs map it).
 # When ``probopt`` is imported straight from a source checkout (e.g. a regular install shadowed by

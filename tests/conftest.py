@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same seeds (Pyro's ``init(rng_seed=...)`` marker, made automatic)."""
+    """Every test starts from the same seeds (Pyro's ``init(rng_seed=...)``, made automatic)."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

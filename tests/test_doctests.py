@@ -4,10 +4,10 @@ import doctest
 import importlib
 import pkgutil
 
+import probopt.models
 import pytest
 
 import probopt
-import probopt.models
 
 _OPTIONAL = {"jax", "numpyro", "optax", "arviz_base", "arviz_stats", "arviz_plots", "ray"}
 

@@ -1,1 +1,1 @@
-"""Ray workers that score examples for importance sampling (``pip install probopt[distributed]``)."""
+"""Ray workers that score examples for importance sampling (extra: ``probopt[distributed]``)."""

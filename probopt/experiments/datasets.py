@@ -66,7 +66,7 @@ def _sklearn(loader: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     return bunch.data, bunch.target, shape
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]:
     """Return ``(x, y, input_shape, test_mask)``; test_mask is None when the split is ours."""
     if name == "digits":

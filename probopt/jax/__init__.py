@@ -1,1 +1,1 @@
-"""The JAX backend: NumPyro models and optax GradientTransformations (``pip install probopt[jax]``)."""
+"""The JAX backend: NumPyro models and optax transforms (extra: ``probopt[jax]``)."""

@@ -26,7 +26,7 @@ NONFINITE_POLICIES: tuple[str, ...] = ("skip", "raise", "ignore")
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """Raised by an optimizer with ``nonfinite="raise"`` before it changes any parameter or state."""
+    """Raised by an optimizer with ``nonfinite="raise"`` before it changes anything."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,9 +50,7 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number {bound})")
 
 
-def check_interval(
-    name: str, value: float, low: float, high: float, *, closed: str = "[]"
-) -> None:
+def check_interval(name: str, value: float, low: float, high: float, *, closed: str = "[]") -> None:
     """Check ``value`` lies in an interval; ``closed`` is one of ``"[]", "[)", "(]", "()"``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -60,7 +58,8 @@ def check_interval(
             value <= high if closed[1] == "]" else value < high
         )
     if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (must be in {closed[0]}{low}, {high}{closed[1]})")
+        interval = f"{closed[0]}{low}, {high}{closed[1]}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
 
 
 def check_nonfinite(policy: str) -> None:
