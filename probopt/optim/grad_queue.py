@@ -101,17 +101,25 @@ class GradQueue(Optimizer):
             (:func:`~probopt.models.grad_queue.calibrated_sharpness`; 2 for the default bounds),
             and uses 1 when the bounds do not straddle 1. (default: None)
         eps: added to the predictive scale. (default: 1e-8)
+        predictive: ``"student"``: the posterior predictive :math:`t_{n-1}(\hat\mu,
+            \hat\sigma\sqrt{1+1/n})` of the queue's :math:`n` entries (with ``"ema"``
+            statistics :math:`n = \min(\text{count}, q_t)`); ``"normal"``: the plug-in
+            :math:`\mathcal N(\hat\mu, \hat\sigma^2)`, over-confident for short queues.
+            (default: ``"student"``)
         statistics: ``"queue"``: exact moments of the last :math:`q_t` gradients from running
             sums with eviction, memory :math:`(q_{\max}+3)P`; ``"ema"``: exponentially
             weighted moments with decay :math:`1 - 2/(q_t+1)`, memory :math:`2P` (our
             approximation). (default: ``"queue"``)
         refresh_every: recompute the exact running sums from the stored queue every this many
-            pushes (``"queue"`` statistics only); ``None``: ``q_max``. (default: None)
+            pushes (``"queue"`` statistics only; amortised cost :math:`q_{\max}P` / this);
+            ``None``: ``4 * q_max``. (default: None)
         length_rule: ``"shorten_on_change"`` (a moving loss shortens the queue),
             ``"lengthen_on_change"`` or ``"fixed"`` (:math:`q_t = q_{\max}`).
-        loss_betas: decays of the fast and slow loss EMAs of the trend. (default: (0.7, 0.95))
-        trend_scale: relative trend :math:`\tau_0` at which the length reaches its bound.
-            (default: 0.05)
+        loss_betas: decays of the fast and slow loss EMAs of the trend (about 10 and 50 steps).
+            (default: (0.9, 0.98))
+        trend_scale: relative trend :math:`\tau_0` at which the length reaches its bound. For
+            white noise of relative size :math:`s` in the minibatch loss, the trend's noise is
+            about :math:`0.17 s` with the default betas. (default: 0.1)
         cluster_threshold: batches larger than this are clustered by :meth:`backward`;
             ``None``: never. (default: None)
         max_clusters: cap of :math:`k = \lceil B/\text{threshold}\rceil`. (default: 16)
@@ -123,6 +131,7 @@ class GradQueue(Optimizer):
             (:func:`~probopt.optim._clustering.cluster_gradients`). (default: ``"auto"``)
         features: ``features(model, x) -> (B, d)`` clustering space; ``None``: the penultimate
             activations. (default: None)
+        kmeans_iter: at most this many Lloyd iterations per clustering. (default: 10)
         seed: seed of the k-means++ generator (its state is part of ``state_dict``).
         {nonfinite}
         {foreach}
@@ -167,17 +176,19 @@ class GradQueue(Optimizer):
         max_amplification: float = 2.0,
         sharpness: float | None = None,
         eps: float = 1e-8,
+        predictive: str = "student",
         statistics: str = "queue",
         refresh_every: int | None = None,
         length_rule: str = "shorten_on_change",
-        loss_betas: tuple[float, float] = (0.7, 0.95),
-        trend_scale: float = 0.05,
+        loss_betas: tuple[float, float] = (0.9, 0.98),
+        trend_scale: float = 0.1,
         cluster_threshold: int | None = None,
         max_clusters: int = 16,
         cluster_scaling: bool = True,
         combine: str = "size",
         cluster_method: str = "auto",
         features: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        kmeans_iter: int = 10,
         seed: int = 0,
         nonfinite: str = "skip",
         foreach: bool | None = None,
@@ -208,6 +219,10 @@ class GradQueue(Optimizer):
             check_positive("sharpness", sharpness)
             k = float(sharpness)
         check_positive("eps", eps)
+        if predictive not in gq.PREDICTIVES:
+            raise ValueError(
+                f"Invalid predictive: {predictive!r} (one of {', '.join(gq.PREDICTIVES)})"
+            )
         if statistics not in _STATISTICS:
             raise ValueError(f"Invalid statistics: {statistics!r} (one of queue, ema)")
         if refresh_every is not None:
@@ -230,6 +245,7 @@ class GradQueue(Optimizer):
             raise ValueError(
                 f"Invalid cluster_method: {cluster_method!r} (one of {', '.join(_CLUSTER_METHODS)})"
             )
+        _check_int("kmeans_iter", kmeans_iter, 1)
         if features is not None and not callable(features):
             raise TypeError(f"features must be callable(model, x), got {type(features)!r}")
         check_nonfinite(nonfinite)
@@ -240,11 +256,12 @@ class GradQueue(Optimizer):
         self.defaults = dict(
             queue_length=queue_length, q_min=q_min, q_max=q_max, amplification=amplification,
             min_amplification=float(min_amplification), max_amplification=float(max_amplification),
-            sharpness=k, eps=float(eps), statistics=statistics,
-            refresh_every=refresh_every or q_max, length_rule=length_rule,
+            sharpness=k, eps=float(eps), predictive=predictive, statistics=statistics,
+            refresh_every=refresh_every or 4 * q_max, length_rule=length_rule,
             loss_betas=tuple(float(b) for b in loss_betas), trend_scale=float(trend_scale),
             cluster_threshold=cluster_threshold, max_clusters=max_clusters,
             cluster_scaling=bool(cluster_scaling), combine=combine, cluster_method=cluster_method,
+            kmeans_iter=kmeans_iter,
             nonfinite=nonfinite, foreach=foreach,
         )  # fmt: skip
         self.features = features
@@ -327,7 +344,9 @@ class GradQueue(Optimizer):
             self._pending_loss = loss.detach()
             return self._pending_loss
         feats = (features or self.features or _clustering.penultimate_features)(model, x)
-        labels, _ = _clustering.kmeans(feats.detach(), k, generator=self._generator)
+        labels, _ = _clustering.kmeans(
+            feats.detach(), k, generator=self._generator, max_iter=d["kmeans_iter"]
+        )
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         cg = _clustering.cluster_gradients(
             model, loss_fn, x, y, labels, params, method=d["cluster_method"]
@@ -527,17 +546,20 @@ def _single_tensor_grad_queue(
     new = None
     if st["count"] >= 2:
         if ema:
+            n = min(st["count"], queue_length)
             mean, scale = st["mean"], st["var"].sqrt()
         else:
-            mean, scale = gq.queue_moments(st["shift"], st["total"], st["total_sq"], st["count"])
+            n = st["count"]
+            mean, scale = gq.queue_moments(st["shift"], st["total"], st["total_sq"], n)
+        scale = gq.predictive_scale(scale, n, d["predictive"])
+        dof = n - 1.0 if d["predictive"] == "student" else None
         if clusters is None:
-            new = gq.amplify(raw, mean, scale, eps=d["eps"], **w)
+            new = gq.amplify(raw, mean, scale, eps=d["eps"], dof=dof, **w)
         else:
             g_c, sizes = clusters
-            s_c = (
-                gq.cluster_scale(scale, sizes, int(sizes.sum())) if d["cluster_scaling"] else scale
-            )
-            delta = gq.amplification_weight(gq.scarcity(g_c, mean, s_c, d["eps"]), **w)
+            if d["cluster_scaling"]:
+                scale = gq.cluster_scale(scale, sizes, int(sizes.sum()))
+            delta = gq.amplification_weight(gq.scarcity(g_c, mean, scale, d["eps"], dof), **w)
             new = gq.combine_cluster_gradients(g_c, sizes, delta, d["combine"])
     elif clusters is not None and d["combine"] == "normalized":
         new = gq.combine_cluster_gradients(clusters[0], clusters[1], None, "normalized")
@@ -621,14 +643,29 @@ def _multi_tensor_grad_queue(
 
 
 def _foreach_weights(
-    gs: list[Tensor], means: list[Tensor], scales: list[Tensor], d: dict[str, Any]
+    gs: list[Tensor], means: list[Tensor], scales: list[Tensor], n: int, d: dict[str, Any]
 ) -> list[Tensor]:
-    """Weights :math:`\\Delta` of the gradients ``gs`` (overwrites ``scales``)."""
+    """Weights :math:`\\Delta` of the gradients ``gs`` given ``n`` entries (overwrites ``scales``).
+
+    The same arithmetic as :func:`probopt.models.grad_queue.scarcity` and
+    :func:`~probopt.models.grad_queue.amplification_weight`, one ``_foreach`` call per line.
+    """
+    student = d["predictive"] == "student"
+    if student:
+        torch._foreach_mul_(scales, math.sqrt(1.0 + 1.0 / n))
     torch._foreach_add_(scales, d["eps"])
-    torch._foreach_mul_(scales, _SQRT2)
     z = torch._foreach_sub(gs, means)
     torch._foreach_abs_(z)
     torch._foreach_div_(z, scales)
+    if student:  # Wallace's transform of |t| with nu = n - 1 to a Normal deviate
+        nu = n - 1.0
+        torch._foreach_mul_(z, z)
+        torch._foreach_div_(z, nu)
+        torch._foreach_log1p_(z)
+        torch._foreach_mul_(z, nu)
+        torch._foreach_sqrt_(z)
+        torch._foreach_mul_(z, (8.0 * nu + 1.0) / (8.0 * nu + 3.0))
+    torch._foreach_div_(z, _SQRT2)
     torch._foreach_erf_(z)
     if d["sharpness"] != 1.0:
         torch._foreach_pow_(z, d["sharpness"])
@@ -666,7 +703,7 @@ def _foreach_queue_group(
         torch._foreach_div_(var, float(n - 1))
         scales = torch._foreach_sqrt(var)
         torch._foreach_add_(mean_d, shifts)
-        weights = _foreach_weights(raw, mean_d, scales, d)
+        weights = _foreach_weights(raw, mean_d, scales, n, d)
     if st0["count"] >= queue_length:
         evict()
     if st0["count"] == 0:
@@ -694,7 +731,8 @@ def _foreach_ema_group(
     raw = [g.detach() for g in gs]
     weights = None
     if sts[0]["count"] >= 2:
-        weights = _foreach_weights(raw, means, torch._foreach_sqrt(vars_), d)
+        n = min(sts[0]["count"], queue_length)
+        weights = _foreach_weights(raw, means, torch._foreach_sqrt(vars_), n, d)
     if sts[0]["count"] == 0:
         torch._foreach_copy_(means, raw)
     else:

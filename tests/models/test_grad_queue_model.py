@@ -46,6 +46,35 @@ def test_scarcity_is_one_minus_the_two_sided_tail_of_the_pyro_predictive():
     torch.testing.assert_close(gq.scarcity(grad, mean, scale), 1 - tail, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dof,tol", [(1, 0.016), (2, 0.004), (3, 0.004), (7, 0.004), (31, 0.004)])
+def test_student_scarcity_matches_scipy(dof, tol):
+    # Wallace's transform: documented accuracy 0.015 (nu = 1), 0.004 (nu >= 2)
+    stats = pytest.importorskip("scipy.stats")
+    t = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 1e3], dtype=torch.float64)
+    exact = torch.as_tensor(1 - 2 * stats.t.sf(t.numpy(), dof))
+    rho = gq.scarcity(t, torch.zeros_like(t), torch.ones_like(t), eps=0.0, dof=float(dof))
+    assert (rho - exact).abs().max() < tol
+    tail = gq.tail_probability(t, torch.zeros_like(t), torch.ones_like(t), eps=0.0, dof=dof)
+    torch.testing.assert_close(tail, 1 - rho)
+    pred = gq.predictive_distribution(torch.zeros(1), torch.ones(1), eps=0.0, dof=dof)
+    assert isinstance(pred, dist.StudentT) and pred.df.item() == dof
+
+
+def test_student_predictive_calibrates_short_queues_where_the_normal_plug_in_does_not():
+    # i.i.d. N(0, 1) gradients, a queue of n = 4, the 5th scored: the exact predictive is
+    # t_3(mean, s sqrt(1 + 1/4)), so rho ~ U(0, 1); 1e5 trials: s.e. of the mean 1e-3
+    g = torch.randn(100_000, 5, dtype=torch.float64)
+    queue, new = g[:, :4], g[:, 4]
+    mean, scale = queue.mean(1), queue.std(1)
+    rho_t = gq.scarcity(new, mean, gq.predictive_scale(scale, 4, "student"), dof=3.0)
+    rho_n = gq.scarcity(new, mean, gq.predictive_scale(scale, 4, "normal"))
+    assert abs(rho_t.mean().item() - 0.5) < 0.01
+    assert abs((rho_t > 0.95).double().mean().item() - 0.05) < 0.005
+    assert (rho_n > 0.95).double().mean().item() > 0.15  # nominal 5%: over-confident
+    with pytest.raises(ValueError, match="Invalid predictive"):
+        gq.predictive_scale(scale, 4, "laplace")
+
+
 def test_scarcity_of_predictive_draws_is_uniform_and_calibrated_weight_averages_one():
     # probability integral transform; n = 2e5: the standard error of a mean of U(0,1) is 6.5e-4,
     # of Delta in [0.5, 2] about 1e-3, so 0.01 is > 7 standard errors
@@ -94,7 +123,7 @@ def test_ema_moments_equal_the_exponentially_weighted_mean_and_variance():
     torch.testing.assert_close(v, (w[:, None] * (g - mean) ** 2).sum(0), rtol=1e-10, atol=1e-12)
 
 
-def _lengths(losses, rule, q_min=4, q_max=32, scale=0.05, betas=(0.7, 0.95)):
+def _lengths(losses, rule, q_min=4, q_max=32, scale=0.1, betas=(0.9, 0.98)):
     fast = slow = None
     out = []
     for loss in losses:
@@ -104,16 +133,17 @@ def _lengths(losses, rule, q_min=4, q_max=32, scale=0.05, betas=(0.7, 0.95)):
 
 
 def test_queue_length_follows_a_synthetic_loss_sequence():
-    # plateau at 2.0 (60 steps), a fast drop to 0.5 (20 steps), plateau at 0.5 (150 steps)
-    losses = [2.0] * 60 + [2.0 * 0.933**s for s in range(1, 21)] + [0.5] * 150
+    # plateau at 2.0 (100 steps), a fast drop to 0.5 (20 steps), plateau at 0.5 (500 steps)
+    losses = [2.0] * 100 + [2.0 * 0.933**s for s in range(1, 21)] + [0.5] * 500
     q = _lengths(losses, "shorten_on_change")
-    assert q[59] == 32  # plateau: the longest window
-    assert min(q[60:80]) == 4 and q[79] == 4  # falling loss: the shortest window
-    assert q[-1] == 32  # plateau again: back to the longest
+    assert q[99] == 32  # plateau: the longest window
+    assert q[106:120] == [4] * 14  # falling loss: the shortest window within 6 steps
+    assert q[-1] == 32  # plateau again: back to the longest, gradually (slow EMA ~ 50 steps)
+    assert q[200] < q[300] < q[400] <= q[-1]
     assert all(4 <= x <= 32 for x in q)
     # the mirror rule and the fixed rule
     q2 = _lengths(losses, "lengthen_on_change")
-    assert q2[59] == 4 and q2[79] == 32 and q2[-1] == 4
+    assert q2[99] == 4 and q2[119] == 32 and q2[-1] == 4
     assert set(_lengths(losses, "fixed")) == {32}
     with pytest.raises(ValueError, match="Invalid length_rule"):
         gq.queue_length_from_trend(0.0, 4, 32, 0.05, "sideways")
@@ -142,9 +172,13 @@ def test_pyro_model_scores_the_next_gradient_under_the_predictive():
     grad = torch.randn(3, dtype=torch.float64)
     tr = pyro.poutine.trace(gq.model).get_trace(queue, grad)
     site = tr.nodes["grad"]
-    expect = dist.Normal(queue.mean(0), queue.std(0) + 1e-8).log_prob(grad).sum()
+    scale = queue.std(0) * math.sqrt(1 + 1 / 6) + 1e-8
+    expect = dist.StudentT(5.0, queue.mean(0), scale).log_prob(grad).sum()
     torch.testing.assert_close(site["fn"].log_prob(grad), expect)
     assert site["is_observed"]
+    tr = pyro.poutine.trace(gq.model).get_trace(queue, grad, predictive="normal")
+    expect = dist.Normal(queue.mean(0), queue.std(0) + 1e-8).log_prob(grad).sum()
+    torch.testing.assert_close(tr.nodes["grad"]["fn"].log_prob(grad), expect)
     sim = pyro.infer.Predictive(gq.model, num_samples=4)(queue)["grad"]
     assert sim.shape == (4, 3)
     with pytest.raises(ValueError, match=">= 2 queue entries"):
