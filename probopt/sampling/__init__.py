@@ -1,1 +1,76 @@
 """Finite-population gradient estimation: sampling designs, survey estimators, auxiliary models."""
+
+from probopt.sampling.designs import (
+    DesignBatchSampler,
+    EpochBatchSampler,
+    PoissonSampling,
+    PPSWithReplacement,
+    Sample,
+    SamplingDesign,
+    SimpleRandomSampling,
+    StratifiedSampling,
+    WithReplacementSample,
+)
+from probopt.sampling.estimators import (
+    difference_estimator,
+    greg,
+    greg_coefficients,
+    greg_weights,
+    hajek,
+    hansen_hurwitz,
+    hansen_hurwitz_weights,
+    horvitz_thompson,
+    horvitz_thompson_weights,
+)
+from probopt.sampling.variance import (
+    design_variance,
+    difference_variance,
+    greg_design_variance,
+    greg_variance,
+    hajek_variance,
+    hansen_hurwitz_design_variance,
+    hansen_hurwitz_variance,
+    horvitz_thompson_design_variance,
+    horvitz_thompson_variance,
+    sen_yates_grundy_design_variance,
+    sen_yates_grundy_variance,
+    srs_design_variance,
+    srs_variance,
+)
+
+__all__ = [
+    # designs (probopt.sampling.designs)
+    "DesignBatchSampler",
+    "EpochBatchSampler",
+    "PPSWithReplacement",
+    "PoissonSampling",
+    "Sample",
+    "SamplingDesign",
+    "SimpleRandomSampling",
+    "StratifiedSampling",
+    "WithReplacementSample",
+    # estimators (probopt.sampling.estimators)
+    "difference_estimator",
+    "greg",
+    "greg_coefficients",
+    "greg_weights",
+    "hajek",
+    "hansen_hurwitz",
+    "hansen_hurwitz_weights",
+    "horvitz_thompson",
+    "horvitz_thompson_weights",
+    # variances (probopt.sampling.variance)
+    "design_variance",
+    "difference_variance",
+    "greg_design_variance",
+    "greg_variance",
+    "hajek_variance",
+    "hansen_hurwitz_design_variance",
+    "hansen_hurwitz_variance",
+    "horvitz_thompson_design_variance",
+    "horvitz_thompson_variance",
+    "sen_yates_grundy_design_variance",
+    "sen_yates_grundy_variance",
+    "srs_design_variance",
+    "srs_variance",
+]
