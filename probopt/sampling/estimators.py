@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from probopt.sampling.designs import _check_count
+
 __all__ = [
     "difference_estimator",
     "greg",
@@ -76,13 +78,7 @@ def _unit_vector(name: str, v: Tensor, n: int) -> Tensor:
 
 
 def _check_population_size(population_size: int) -> int:
-    if (
-        isinstance(population_size, bool)
-        or not isinstance(population_size, int)
-        or population_size < 1
-    ):
-        raise ValueError(f"Invalid population_size: {population_size!r} (must be an integer >= 1)")
-    return population_size
+    return _check_count("population_size", population_size, 1)
 
 
 def _weighted_sum(w: Tensor, y: Tensor) -> Tensor:

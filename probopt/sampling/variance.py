@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from probopt.sampling.designs import PPSWithReplacement, SamplingDesign
+from probopt.sampling.designs import PPSWithReplacement, SamplingDesign, _check_count
 from probopt.sampling.estimators import (
     _check_population_size,
     _sample_values,
@@ -84,6 +84,13 @@ def _quadratic(z: Tensor, a: Tensor, scale: float, scalar: bool, trace: bool) ->
     if trace or scalar:
         return ((a @ z) * z).sum() * scale
     return (z.T @ a @ z) * scale
+
+
+def _gram(z: Tensor, scale: float, scalar: bool, trace: bool) -> Tensor:
+    r""":math:`\text{scale}\cdot z^T z` (p×p), its trace, or the scalar for 1-D y."""
+    if trace or scalar:
+        return (z * z).sum() * scale
+    return z.T @ z * scale
 
 
 def _scale(population_size: int, total: bool) -> float:
@@ -150,9 +157,7 @@ def srs_variance(
         raise ValueError(f"srs_variance needs at least 2 sampled units, got n = {n}")
     centred = z - z.mean(0)
     scale = (1 - n / population_size) / (n * (n - 1)) * (population_size**2 if total else 1)
-    if trace or scalar:
-        return (centred * centred).sum() * scale
-    return centred.T @ centred * scale
+    return _gram(centred, scale, scalar, trace)
 
 
 def horvitz_thompson_variance(
@@ -280,9 +285,7 @@ def hansen_hurwitz_variance(
     z = z / _unit_vector("p", p, n).to(z)[:, None]
     centred = z - z.mean(0)
     scale = _scale(population_size, total) / (n * (n - 1))
-    if trace or scalar:
-        return (centred * centred).sum() * scale
-    return centred.T @ centred * scale
+    return _gram(centred, scale, scalar, trace)
 
 
 def hajek_variance(
@@ -468,9 +471,7 @@ def srs_design_variance(
         return z.new_zeros(()) if trace or scalar else z.new_zeros(z.shape[1], z.shape[1])
     centred = z - z.mean(0)
     scale = (1 - sample_size / big_n) / (sample_size * (big_n - 1)) * (big_n**2 if total else 1)
-    if trace or scalar:
-        return (centred * centred).sum() * scale
-    return centred.T @ centred * scale
+    return _gram(centred, scale, scalar, trace)
 
 
 def horvitz_thompson_design_variance(
@@ -578,8 +579,7 @@ def hansen_hurwitz_design_variance(
     """
     z, scalar = _rows(y_population, p)
     big_n = z.shape[0]
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
-        raise ValueError(f"Invalid num_draws: {num_draws!r} (must be an integer >= 1)")
+    _check_count("num_draws", num_draws, 1)
     p = _unit_vector("p", p, big_n).to(z)
     centred = z / p[:, None] - z.sum(0)
     scale = _scale(big_n, total) / num_draws
