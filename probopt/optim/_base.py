@@ -77,6 +77,11 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     """True when every entry of every tensor is finite (one host synchronisation)."""
     if not tensors:
         return True
+    from probopt._kernels.cpu import all_finite_cpu
+
+    fast = all_finite_cpu(list(tensors))
+    if fast is not None:
+        return fast
     # the inf-norm cannot overflow and is NaN as soon as one entry is NaN
     norms = torch._foreach_norm(list(tensors), float("inf"))
     return bool(torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().all())
@@ -116,10 +121,11 @@ _nonfinite_doc = r"""nonfinite (str, optional): what a step does when a gradient
 _foreach_doc = r"""foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it whenever the parameters allow it. (default: None)"""
 
-_fused_doc = r"""fused (bool, optional): use the fused path: one Triton kernel launch per tensor
-            on CUDA, a ``torch.compile``-generated kernel on CPU. ``None`` picks it on CUDA when
-            Triton is available and never on CPU (the first compiled CPU step takes seconds).
-            (default: None)"""
+_fused_doc = r"""fused (bool, optional): use the fused path, one pass over memory per step: a C loop
+            compiled on first use on CPU (Note [probopt: CPU kernels]; needs a C compiler), a
+            Triton kernel on CUDA. ``None`` picks it whenever it is available, and the foreach
+            path otherwise; tensors the kernel does not handle (half precision, non-contiguous,
+            complex) take the foreach path. (default: None)"""
 
 _maximize_doc = r"""maximize (bool, optional): maximize the objective with respect to the params,
             instead of minimizing. (default: False)"""

@@ -1,0 +1,1 @@
+"""Fused kernels: small C loops for CPU (:mod:`probopt._kernels.cpu`)."""
