@@ -1,14 +1,16 @@
 """Grad Queue large-batch sweep: test accuracy vs batch size, and the cost per step.
 
 For each dataset (MNIST-5k, mnist1d), inner optimizer (SGD with momentum, Adam), batch size and
-seed, one MLP is trained for a fixed number of epochs three ways, side by side in one process:
+seed, one MLP is trained for a fixed number of epochs, every variant side by side in one process:
 
 * ``plain``: the inner optimizer alone;
 * ``GQ``: :class:`probopt.optim.GradQueue` around it, defaults (exact queue, Student-t
   predictive, loss-driven length in [4, 32], calibrated power amplification in [0.5, 2]);
-* ``GQ+clusters``: the same with ``cluster_threshold`` (batches above it are clustered by
-  k-means on the penultimate activations, ``k = ceil(B / threshold)``); only run where the
-  batch exceeds the threshold (below it, it is the same as GQ).
+* ``GQ (norm)``: the same with ``preserve_norm=True`` (direction changes only);
+* ``GQ+cl.`` and ``GQ+cl. (norm)``: the same with ``cluster_threshold`` (batches above it are
+  clustered by k-means on the penultimate activations, ``k = ceil(B / threshold)``); only run
+  where the batch exceeds the threshold (below it, it is the same as GQ);
+* ``plain lr×r``: the control for a step-size effect (see the section text).
 
 A fixed epoch budget means large batches take fewer steps, which is the regime where the paper
 claims GQ helps ("superior performance with larger mini-batch horizon"). The learning rate is the
@@ -42,17 +44,29 @@ INNER = {
 }
 
 
-def train(ds, inner_name, variant, batch_size, seed, epochs, threshold):
+def _grad_norm(model):
+    return torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).norm().item()
+
+
+def train(ds, inner_name, variant, batch_size, seed, epochs, threshold, lr_scale=1.0):
+    """Train one MLP; return a dict of test accuracy, seconds per step, mean q_t and the mean
+    ratio ||G*|| / ||g|| of the gradient the inner optimizer saw to the plain batch gradient."""
     model = make_network("mlp", ds.input_shape, ds.num_classes, seed=seed)
     inner = INNER[inner_name](model.parameters())
+    for group in inner.param_groups:
+        group["lr"] *= lr_scale
     if variant == "plain":
         opt = inner
     else:
-        opt = GradQueue(inner, cluster_threshold=threshold if variant == "GQ+clusters" else None)
+        opt = GradQueue(
+            inner,
+            cluster_threshold=threshold if variant.startswith("GQ+cl") else None,
+            preserve_norm=variant.endswith("(norm)"),
+        )
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     gen = torch.Generator().manual_seed(1000 + seed)
     n = ds.x_train.shape[0]
-    steps, lengths = 0, []
+    steps, lengths, ratios, untimed = 0, [], [], 0.0
     start = time.perf_counter()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
@@ -62,35 +76,60 @@ def train(ds, inner_name, variant, batch_size, seed, epochs, threshold):
             opt.zero_grad()
             if variant == "plain":
                 loss_fn(model(x), y).mean().backward()
+                opt.step()
             else:
                 opt.backward(model, loss_fn, x, y)
-            opt.step()
-            steps += 1
-            if variant != "plain":
+                t = time.perf_counter()
+                before = _grad_norm(model)
+                untimed += time.perf_counter() - t
+                opt.step()
+                t = time.perf_counter()
+                ratios.append(_grad_norm(model) / max(before, 1e-30))  # .grad now holds G*
                 lengths.append(opt.queue_length)
-    seconds = time.perf_counter() - start
+                untimed += time.perf_counter() - t
+            steps += 1
+    seconds = time.perf_counter() - start - untimed
     with torch.no_grad():
         acc = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    return acc, seconds / steps, (statistics.mean(lengths) if lengths else float("nan"))
+    nan = float("nan")
+    return {
+        "acc": 100 * acc,
+        "sec": seconds / steps,
+        "q": statistics.mean(lengths) if lengths else nan,
+        "ratio": statistics.mean(ratios) if ratios else nan,
+    }
 
 
-def summarise(name, inner_name, b, res):
-    """One table row from ``res[variant] = [(accuracy, seconds per step, mean q), ...]``."""
-    row = [name, inner_name, b]
-    mean_acc = {v: statistics.mean(100 * r[0] for r in rs) for v, rs in res.items()}
-    for v in ("plain", "GQ", "GQ+clusters"):
+GQ_VARIANTS = ("GQ", "GQ (norm)", "GQ+cl.", "GQ+cl. (norm)")
+COLUMNS = ("plain", *GQ_VARIANTS, "plain lr×r")
+
+
+def _mean(res, v, key):
+    return statistics.mean(r[key] for r in res[v])
+
+
+def accuracy_row(res):
+    """Mean ± sd of the accuracies of each variant, then the differences to plain."""
+    row = []
+    for v in COLUMNS:
         if v not in res:
-            row.append("=GQ")
+            row.append("=GQ" if v.startswith("GQ+cl.") else "")
             continue
-        sd = statistics.stdev(100 * r[0] for r in res[v]) if len(res[v]) > 1 else 0.0
-        row.append(f"{mean_acc[v]:.1f} ± {sd:.1f}")
-    for v in ("GQ", "GQ+clusters"):
-        row.append(f"{mean_acc[v] - mean_acc['plain']:+.1f}" if v in res else "")
-    for v in ("GQ", "GQ+clusters"):
-        ratios = [r[1] / p[1] for r, p in zip(res.get(v, []), res["plain"])]
+        sd = statistics.stdev(r["acc"] for r in res[v]) if len(res[v]) > 1 else 0.0
+        row.append(f"{_mean(res, v, 'acc'):.1f} ± {sd:.1f}")
+    plain = _mean(res, "plain", "acc")
+    row += [f"{_mean(res, v, 'acc') - plain:+.1f}" if v in res else "" for v in GQ_VARIANTS]
+    return row
+
+
+def cost_row(res):
+    """r = ||G*|| / ||g|| of GQ and GQ+cl., cost per step relative to plain, mean q_t, ms/step."""
+    row = [f"{_mean(res, v, 'ratio'):.2f}" if v in res else "" for v in ("GQ", "GQ+cl.")]
+    for v in GQ_VARIANTS:
+        ratios = [r["sec"] / p["sec"] for r, p in zip(res.get(v, []), res["plain"])]
         row.append(f"{statistics.median(ratios):.2f}" if ratios else "")
-    row.append(f"{statistics.mean(r[2] for r in res['GQ']):.1f}")
-    row.append(f"{1e3 * statistics.median(r[1] for r in res['plain']):.2f}")
+    row.append(f"{_mean(res, 'GQ', 'q'):.1f}")
+    row.append(f"{1e3 * statistics.median(r['sec'] for r in res['plain']):.2f}")
     return row
 
 
@@ -102,47 +141,69 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings)")
-    ap.add_argument("--threshold", type=int, default=256, help="cluster_threshold of GQ+clusters")
+    ap.add_argument("--threshold", type=int, default=256, help="cluster_threshold of GQ+cl.")
     ap.add_argument("--no-write", action="store_true", help="print only, leave docs/ alone")
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.batch_sizes, args.seeds, args.epochs = ["mnist1d"], [32, 512], 1, 1
     torch.set_num_threads(args.threads)
-    rows = []
+    acc_rows, cost_rows = [], []
     t0 = time.perf_counter()
+    t = args.threshold
     for name in args.datasets:
         ds = load_dataset(name)
         for inner_name in INNER:
             for b in args.batch_sizes:
-                variants = ["plain", "GQ"] + (["GQ+clusters"] if b > args.threshold else [])
-                res = {v: [] for v in variants}
+                clustered = b > args.threshold
+                variants = ["plain", "GQ", "GQ (norm)"]
+                variants += ["GQ+cl.", "GQ+cl. (norm)"] if clustered else []
+                res = {v: [] for v in variants + (["plain lr×r"] if clustered else [])}
                 for seed in range(args.seeds):
                     for v in variants:
-                        res[v].append(
-                            train(ds, inner_name, v, b, seed, args.epochs, args.threshold)
+                        res[v].append(train(ds, inner_name, v, b, seed, args.epochs, t))
+                    if clustered:  # control: the plain optimizer with lr scaled by GQ+cl.'s r
+                        r = res["GQ+cl."][-1]["ratio"]
+                        res["plain lr×r"].append(
+                            train(ds, inner_name, "plain", b, seed, args.epochs, t, lr_scale=r)
                         )
-                rows.append(summarise(name, inner_name, b, res))
-                row = rows[-1]
-                print(" | ".join(map(str, row)), f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-    header = [
-        "dataset", "optimizer", "batch", "plain acc %", "GQ acc %", "GQ+clusters acc %",
-        "GQ − plain", "GQ+cl. − plain", "GQ cost ×", "GQ+clusters cost ×", "mean q_t",
-        "plain ms/step",
-    ]  # fmt: skip
-    table = markdown_table(header, rows)
+                acc_rows.append([name, inner_name, b, *accuracy_row(res)])
+                cost_rows.append([name, inner_name, b, *cost_row(res)])
+                line = " | ".join(map(str, acc_rows[-1] + cost_rows[-1][3:]))
+                print(line, f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    acc_table = markdown_table(
+        ["dataset", "optimizer", "batch", *COLUMNS, *(f"{v} − plain" for v in GQ_VARIANTS)],
+        acc_rows,
+    )
+    cost_table = markdown_table(
+        ["dataset", "optimizer", "batch", "r GQ", "r GQ+cl.",
+         *(f"{v} cost ×" for v in GQ_VARIANTS), "mean q_t", "plain ms/step"],
+        cost_rows,
+    )  # fmt: skip
     body = f"""
 MLP (one hidden layer of 128), {args.epochs} epochs at every batch size, {args.seeds} seed(s)
-(mean ± sd of test accuracy over seeds). SGD: lr 0.02, momentum 0.9; Adam: lr 1e-3; the same
-lr at every batch size (SGD's lr 0.05 was unstable at batch 32 for plain SGD and more so with
-GQ: 82 and 69 % on MNIST-5k in a first run). GQ: `GradQueue` defaults (exact queue,
-Student-t predictive, loss-driven length in [4, 32], amplification in [0.5, 2] with calibrated
-sharpness 2). GQ+clusters: `cluster_threshold=
-{args.threshold}`, k = ceil(B / {args.threshold}) clusters of the penultimate activations
-(k-means++), one mean gradient per cluster; "=GQ" where the batch does not exceed the threshold.
-"− plain": difference of the mean accuracies in points. Cost ×: median over seeds of seconds per
-step relative to plain, in this run. mean q_t: the average effective queue length of the GQ runs.
+(mean ± sd of test accuracy in % over seeds). SGD: lr 0.02, momentum 0.9; Adam: lr 1e-3; the
+same lr at every batch size (SGD's lr 0.05 was unstable at batch 32 for plain SGD and more so
+with GQ: 82 and 69 % on MNIST-5k in a first run). {args.threads} torch thread(s).
 
-{table}
+* GQ: `GradQueue` defaults (exact queue, Student-t predictive, loss-driven length in [4, 32],
+  amplification in [0.5, 2] with calibrated sharpness 2).
+* (norm): the same with `preserve_norm=True`: each rewritten gradient tensor is rescaled to the
+  plain gradient's norm, so GQ can change the direction of the step but not its length.
+* GQ+cl.: `cluster_threshold={args.threshold}`, k = ceil(B / {args.threshold}) k-means clusters of
+  the penultimate activations, one mean gradient per cluster (one backward each); "=GQ" where
+  the batch does not exceed the threshold.
+* plain lr×r: a control for a mere step-size effect, the plain optimizer with its lr multiplied
+  by r of the GQ+cl. run of the same seed, where r is the mean over steps of ‖G*‖ / ‖g‖ (the norm
+  of the gradient the inner optimizer received over the plain batch gradient's). For SGD this is
+  the step GQ+cl. takes on average; for Adam a gradient scale cancels, so it is only a
+  larger-lr reference.
+* "− plain": difference of the mean accuracies in points. Cost ×: median over seeds of seconds
+  per step relative to plain, measured in this run (the per-step norm bookkeeping of the
+  benchmark itself is excluded). mean q_t: the average effective queue length of the GQ runs.
+
+{acc_table}
+
+{cost_table}
 """
     print(body)
     if not args.no_write:

@@ -120,6 +120,11 @@ class GradQueue(Optimizer):
         trend_scale: relative trend :math:`\tau_0` at which the length reaches its bound. For
             white noise of relative size :math:`s` in the minibatch loss, the trend's noise is
             about :math:`0.17 s` with the default betas. (default: 0.1)
+        preserve_norm: rescale each rewritten gradient tensor to the norm of the plain one, so
+            that GQ changes the direction of the step but not its length (ours; the per-coordinate
+            bounds then hold before this rescale). Off, :math:`\|G\| / \|g\|` is typically 1.2
+            to 1.7 on real networks, which also acts as a larger learning rate for SGD.
+            (default: False)
         cluster_threshold: batches larger than this are clustered by :meth:`backward`;
             ``None``: never. (default: None)
         max_clusters: cap of :math:`k = \lceil B/\text{threshold}\rceil`. (default: 16)
@@ -182,6 +187,7 @@ class GradQueue(Optimizer):
         length_rule: str = "shorten_on_change",
         loss_betas: tuple[float, float] = (0.9, 0.98),
         trend_scale: float = 0.1,
+        preserve_norm: bool = False,
         cluster_threshold: int | None = None,
         max_clusters: int = 16,
         cluster_scaling: bool = True,
@@ -236,6 +242,8 @@ class GradQueue(Optimizer):
         for i, b in enumerate(loss_betas):
             check_interval(f"loss_betas[{i}]", b, 0.0, 1.0, closed="[)")
         check_positive("trend_scale", trend_scale)
+        if not isinstance(preserve_norm, bool):
+            raise ValueError(f"Invalid preserve_norm: {preserve_norm!r} (must be a bool)")
         if cluster_threshold is not None:
             _check_int("cluster_threshold", cluster_threshold, 1)
         _check_int("max_clusters", max_clusters, 1)
@@ -259,6 +267,7 @@ class GradQueue(Optimizer):
             sharpness=k, eps=float(eps), predictive=predictive, statistics=statistics,
             refresh_every=refresh_every or 4 * q_max, length_rule=length_rule,
             loss_betas=tuple(float(b) for b in loss_betas), trend_scale=float(trend_scale),
+            preserve_norm=preserve_norm,
             cluster_threshold=cluster_threshold, max_clusters=max_clusters,
             cluster_scaling=bool(cluster_scaling), combine=combine, cluster_method=cluster_method,
             kmeans_iter=kmeans_iter,
@@ -328,9 +337,11 @@ class GradQueue(Optimizer):
     ) -> Tensor:
         """Backward pass for one batch; clusters it when it exceeds ``cluster_threshold``.
 
-        Small batches (or GQ off): ``loss_fn(model(x), y).mean().backward()``. Large batches:
-        k-means on the features, one mean gradient per cluster (kept for the next :meth:`step`),
-        and ``.grad`` set to their plain batch mean. ``loss_fn`` returns per-example losses.
+        Small batches (or GQ off): ``loss_fn(model(x), y).mean().backward()`` (accumulates into
+        ``.grad`` as usual). Large batches: k-means on the features, one mean gradient per
+        cluster (kept for the next :meth:`step`), and ``.grad`` *set* to their plain batch mean
+        (the step replaces it by the weighted combination). ``loss_fn`` returns per-example
+        losses.
         Returns the batch's mean loss (detached), which the next step also uses for the queue
         length.
         """
@@ -352,7 +363,7 @@ class GradQueue(Optimizer):
             model, loss_fn, x, y, labels, params, method=d["cluster_method"]
         )
         for p, g in zip(params, cg.mean_grads()):
-            p.grad = g if p.grad is None else p.grad.add_(g)
+            p.grad = g
         self._pending = (params, cg)
         self._pending_loss = cg.loss
         return cg.loss
@@ -576,6 +587,8 @@ def _single_tensor_grad_queue(
             _evict_oldest(st)
         _push(st, raw, d["refresh_every"])
     if new is not None:
+        if d["preserve_norm"]:  # keep the direction change, undo the change of length
+            new = new * (raw.norm() / new.norm().clamp_min(torch.finfo(new.dtype).tiny))
         grad.copy_(new)
 
 
@@ -674,6 +687,18 @@ def _foreach_weights(
     return z
 
 
+def _foreach_apply(gs: list[Tensor], weights: list[Tensor], d: dict[str, Any]) -> None:
+    """``g <- weights * g`` in place, rescaled per tensor to the old norm with ``preserve_norm``."""
+    if not d["preserve_norm"]:
+        torch._foreach_mul_(gs, weights)
+        return
+    before = torch._foreach_norm(gs)
+    torch._foreach_mul_(gs, weights)
+    after = torch._foreach_norm(gs)
+    for g, b, a in zip(gs, before, after):
+        g.mul_(b / a.clamp_min(torch.finfo(a.dtype).tiny))
+
+
 def _foreach_queue_group(
     gs: list[Tensor], sts: list[dict[str, Any]], queue_length: int, d: dict[str, Any]
 ) -> None:
@@ -720,7 +745,7 @@ def _foreach_queue_group(
         if s["since_refresh"] >= d["refresh_every"]:
             _refresh(s)
     if weights is not None:
-        torch._foreach_mul_(gs, weights)
+        _foreach_apply(gs, weights, d)
 
 
 def _foreach_ema_group(
@@ -745,4 +770,4 @@ def _foreach_ema_group(
     for s in sts:
         s["count"] += 1
     if weights is not None:
-        torch._foreach_mul_(gs, weights)
+        _foreach_apply(gs, weights, d)

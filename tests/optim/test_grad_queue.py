@@ -167,6 +167,24 @@ def test_weights_respect_the_bounds(statistics):
     assert ratios.min() < 0.5 and ratios.max() > 2.0  # both ends are used
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_preserve_norm_keeps_each_tensor_norm_and_changes_the_direction(foreach):
+    params = [nn.Parameter(torch.zeros(20, dtype=torch.float64)) for _ in range(2)]
+    inner = torch.optim.SGD(params, lr=0.0)
+    opt = GradQueue(inner, q_min=2, queue_length=6, q_max=6, preserve_norm=True, foreach=foreach)
+    seen = _capture_inner_grads(inner, params)
+    raws = []
+    for grads in _grad_stream(params, 12, 1):
+        raws.append([g.clone() for g in grads])
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    for raw, new in list(zip(raws, seen))[2:]:
+        for r, n in zip(raw, new):
+            torch.testing.assert_close(n.norm(), r.norm(), rtol=1e-12, atol=0)
+            assert not torch.allclose(n, r)
+
+
 def test_no_gradient_flows_through_the_queue():
     w = nn.Parameter(torch.randn(4))
     opt = GradQueue(torch.optim.SGD([w], lr=0.1), q_min=2, queue_length=3, q_max=3)
@@ -189,15 +207,21 @@ def _grad_stream(params, steps, seed, missing_at=None):
     return out
 
 
-@pytest.mark.parametrize("statistics", ["queue", "ema"])
-def test_foreach_matches_the_single_tensor_reference_in_float64(statistics):
+@pytest.mark.parametrize(
+    "statistics,predictive,preserve_norm",
+    [("queue", "student", False), ("ema", "student", False), ("queue", "normal", True)],
+)
+def test_foreach_matches_the_single_tensor_reference_in_float64(
+    statistics, predictive, preserve_norm
+):
     shapes = [(3, 4), (), (5,), (2, 2)]
 
     def run(foreach):
         params = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
         inner = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         opt = GradQueue(inner, q_min=2, queue_length=5, q_max=5, refresh_every=3,
-                        statistics=statistics, foreach=foreach)  # fmt: skip
+                        statistics=statistics, predictive=predictive,
+                        preserve_norm=preserve_norm, foreach=foreach)  # fmt: skip
         losses = [1.0, 0.9, 0.5, 0.45, 0.44] * 4
         for t, grads in enumerate(_grad_stream(params, 20, 0, missing_at=(6, 2))):
             for p, g in zip(params, grads):
@@ -313,6 +337,7 @@ BAD = [
     (dict(loss_betas=(0.5, 1.0)), r"Invalid loss_betas\[1\]: 1.0"),
     (dict(loss_betas=0.9), "Invalid loss_betas: 0.9"),
     (dict(trend_scale=-1.0), "Invalid trend_scale: -1.0"),
+    (dict(preserve_norm=1), "Invalid preserve_norm: 1"),
     (dict(cluster_threshold=0), "Invalid cluster_threshold: 0"),
     (dict(max_clusters=0), "Invalid max_clusters: 0"),
     (dict(combine="max"), "Invalid combine: 'max'"),
