@@ -386,11 +386,13 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         else {}
     )
     make_network(args.network, data.input_shape, data.num_classes, **net_kwargs)  # shape check
-    shown = {k: list(v) if isinstance(v, tuple) else v for k, v in net_kwargs.items()}
+    shown = ", ".join(
+        f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in net_kwargs.items()
+    )
     config = {
         "command": " ".join(["probopt", *args.argv]),
         "dataset": f"{args.dataset} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test)",
-        "network": args.network + (f" {shown}" if shown else ""),
+        "network": args.network + (f" ({shown})" if shown else ""),
         "optimizers": ", ".join(optimizers),
         "learning rates": ", ".join(f"{n} {lr:g}" for n, lr in lrs.items()),
         "seeds": ", ".join(map(str, seeds)),
