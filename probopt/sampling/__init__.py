@@ -1,5 +1,11 @@
 """Finite-population gradient estimation: sampling designs, survey estimators, auxiliary models."""
 
+from probopt.sampling.auxiliary import (
+    Auxiliary,
+    GradientFactorTable,
+    OnlineLinearModel,
+    make_auxiliary,
+)
 from probopt.sampling.designs import (
     DesignBatchSampler,
     EpochBatchSampler,
@@ -22,6 +28,20 @@ from probopt.sampling.estimators import (
     horvitz_thompson,
     horvitz_thompson_weights,
 )
+from probopt.sampling.model_assisted import (
+    ESTIMATOR_NAMES,
+    CachedGradientEstimator,
+    DifferenceEstimator,
+    GREGEstimator,
+    make_estimator,
+    train_epoch,
+)
+from probopt.sampling.per_example import (
+    LinearGradCapture,
+    grad_norms,
+    last_layer_grads,
+    per_example_grads,
+)
 from probopt.sampling.variance import (
     design_variance,
     difference_variance,
@@ -39,6 +59,23 @@ from probopt.sampling.variance import (
 )
 
 __all__ = [
+    # auxiliary data and working model (probopt.sampling.auxiliary)
+    "Auxiliary",
+    "GradientFactorTable",
+    "OnlineLinearModel",
+    "make_auxiliary",
+    # model-assisted estimators (probopt.sampling.model_assisted)
+    "ESTIMATOR_NAMES",
+    "CachedGradientEstimator",
+    "DifferenceEstimator",
+    "GREGEstimator",
+    "make_estimator",
+    "train_epoch",
+    # per-example gradients (probopt.sampling.per_example)
+    "LinearGradCapture",
+    "grad_norms",
+    "last_layer_grads",
+    "per_example_grads",
     # designs (probopt.sampling.designs)
     "DesignBatchSampler",
     "EpochBatchSampler",
