@@ -233,24 +233,18 @@ def _per_example(
     sizes: Tensor,
     params: list[Tensor],
 ) -> ClusterGradients:
-    from torch.func import functional_call, grad_and_value, vmap
+    """Per-example gradients (:func:`probopt.sampling.per_example.per_example_grads`), then a
+    segment mean per cluster."""
+    from probopt.sampling.per_example import per_example_grads
 
-    named = dict(model.named_parameters())
-    names = [n for n, p in named.items() if any(p is q for q in params)]
-    if len(names) != len(params):
-        raise ValueError("per_example gradients need params that are all parameters of the model")
-    order = [next(i for i, q in enumerate(params) if q is named[n]) for n in names]
-    detached = {n: named[n].detach() for n in names}
-
-    def one(theta: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, theta, (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0)).sum()
-
-    per_ex, losses = vmap(grad_and_value(one), in_dims=(None, 0, 0))(detached, x, y)
+    per_ex = per_example_grads(model, loss_fn, x, y, params=list(params))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        loss = loss_fn(model(x), y).mean()
     k = len(sizes)
-    grads: list[Tensor] = [torch.empty(0)] * len(params)
-    for n, i in zip(names, order):
-        g = per_ex[n]
+    grads = []
+    for p in params:
+        g = per_ex[name_of[id(p)]]
         seg = torch.zeros(k, *g.shape[1:], dtype=g.dtype, device=g.device).index_add_(0, labels, g)
-        grads[i] = seg / sizes.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-    return ClusterGradients(grads, sizes, losses.detach().mean())
+        grads.append(seg / sizes.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+    return ClusterGradients(grads, sizes, loss)

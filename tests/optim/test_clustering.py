@@ -109,6 +109,6 @@ def test_cluster_gradients_rejects_bad_arguments():
     with pytest.raises(ValueError, match="Invalid method: 'fast'"):
         cluster_gradients(model, loss_fn, x, y, torch.zeros(4, dtype=torch.long),
                           list(model.parameters()), method="fast")  # fmt: skip
-    with pytest.raises(ValueError, match="parameters of the model"):
+    with pytest.raises(ValueError, match="not a trainable model parameter"):
         cluster_gradients(model, loss_fn, x, y, torch.zeros(4, dtype=torch.long),
                           [nn.Parameter(torch.zeros(2))], method="per_example")  # fmt: skip

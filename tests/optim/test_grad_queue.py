@@ -390,6 +390,14 @@ def test_nonfinite_gradient_changes_nothing(policy):
     assert after["grad_queue"]["clock"] == before["grad_queue"]["clock"]
 
 
+def test_sparse_gradients_are_rejected():
+    w = nn.Parameter(torch.ones(3))
+    opt = GradQueue(torch.optim.SGD([w], lr=0.1))
+    w.grad = torch.ones(3).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
 def test_lr_scheduler_and_add_param_group_work_through_the_wrapper():
     w, v = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
     inner = torch.optim.SGD([w], lr=1.0)
