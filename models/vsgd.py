@@ -25,7 +25,8 @@ Stochastic variational inference on this conjugate-exponential model has closed 
 * global step: the coordinate-ascent optimum given q(g_t),
   :math:`\hat a = \gamma + \tfrac12`,
   :math:`\hat b_g = \gamma + \tfrac12\mathbb E_q[(g_t-\mu_{t-1})^2]`,
-  :math:`\hat b_{\hat g} = K_g\gamma + \tfrac12\mathbb E_q[(\hat g_t-g_t)^2]` (:func:`global_optimum`),
+  :math:`\hat b_{\hat g} = K_g\gamma + \tfrac12\mathbb E_q[(\hat g_t-g_t)^2]`
+  (:func:`global_optimum`),
   reached by a natural-gradient step of size :math:`\rho_t = t^{-\kappa}`:
   :math:`b_t = (1-\rho_t)b_{t-1} + \rho_t\hat b` (:func:`cavi_update`).
 
@@ -89,25 +90,25 @@ def model(
         pyro.sample("g_hat", dist.Normal(g, w_ghat.rsqrt()), obs=g_hat)
 
 
-def guide(
-    g_hat: Tensor, prev_mean: Tensor, *, variance_ratio=30.0, prior_strength=1e-8, **unused
-):
+def guide(g_hat: Tensor, prev_mean: Tensor, *, variance_ratio=30.0, prior_strength=1e-8, **unused):
     """The mean-field guide with learnable parameters (for the generic SVI path).
 
-    Global parameters (``w_g_shape``, ``w_g_rate``, ``w_ghat_shape``, ``w_ghat_rate``) start at
-    the official code's effective prior; the local ones (``g_loc``, ``g_scale``) start at the
-    previous mean and the prior predictive scale. The generic optimizer re-initialises the local
-    ones at every step (they are listed in ``LOCAL_PARAMS``).
+    The Gamma shapes start at γ + ½ + δ/2, the value every later step gives them, and the rates
+    so that E_q[w_g] = (γ + δ/2)/γ and E_q[w_ĝ] = E_q[w_g]/K_g: the precisions the official code
+    uses at its first step, so that the first local step equals the closed form. The local
+    parameters (``g_loc``, ``g_scale``) start at the previous mean and the prior predictive
+    scale; the generic optimizer re-initialises them at every step (``LOCAL_PARAMS``).
     """
     del unused
     gamma, k_g = prior_strength, variance_ratio
     d = g_hat.shape[-1]
-    a0 = gamma + JITTER / 2
+    shape = gamma + 0.5 + JITTER / 2
+    rate = shape * gamma / (gamma + JITTER / 2)
     positive = constraints.positive
-    a_g = pyro.param("w_g_shape", lambda: torch.full_like(g_hat, a0), constraint=positive)
-    b_g = pyro.param("w_g_rate", lambda: torch.full_like(g_hat, gamma), constraint=positive)
-    a_h = pyro.param("w_ghat_shape", lambda: torch.full_like(g_hat, a0), constraint=positive)
-    b_h = pyro.param("w_ghat_rate", lambda: torch.full_like(g_hat, k_g * gamma), constraint=positive)
+    a_g = pyro.param("w_g_shape", lambda: torch.full_like(g_hat, shape), constraint=positive)
+    b_g = pyro.param("w_g_rate", lambda: torch.full_like(g_hat, rate), constraint=positive)
+    a_h = pyro.param("w_ghat_shape", lambda: torch.full_like(g_hat, shape), constraint=positive)
+    b_h = pyro.param("w_ghat_rate", lambda: torch.full_like(g_hat, k_g * rate), constraint=positive)
     loc = pyro.param("g_loc", lambda: prev_mean.detach().clone())
     scale = pyro.param(
         "g_scale", lambda: (b_g / a_g).detach().sqrt().clamp_min(1e-6), constraint=positive

@@ -72,8 +72,9 @@ def load(name: str) -> ctypes.CDLL | None:
             [cc, "--version"], capture_output=True, text=True, timeout=30
         ).stdout
         key = hashlib.sha256(
-            "\0".join([source.read_text(), cc, version, " ".join(_FLAGS), _cpu_signature()])
-            .encode()
+            "\0".join(
+                [source.read_text(), cc, version, " ".join(_FLAGS), _cpu_signature()]
+            ).encode()
         ).hexdigest()[:16]
         for folder in (cache_dir(), Path(tempfile.gettempdir()) / "probopt-cache"):
             target = folder / f"{name}-{key}.so"
@@ -140,9 +141,11 @@ def all_finite_cpu(tensors: list[torch.Tensor]) -> bool | None:
     for t in tensors:
         fn, ptr, size = fns[t.dtype], t.data_ptr(), t.element_size()
         results: list[int] = []
-        parallel_chunks(
-            t.numel(), lambda s, n, fn=fn, ptr=ptr, size=size: results.append(fn(ptr + s * size, n))
-        )
+
+        def check(s: int, n: int, fn=fn, ptr=ptr, size=size, out=results) -> None:  # noqa: ANN001
+            out.append(fn(ptr + s * size, n))
+
+        parallel_chunks(t.numel(), check)
         if not all(results):
             return False
     return True

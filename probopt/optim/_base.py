@@ -96,6 +96,9 @@ def check_finite_grads(
     and nothing is changed; with ``"raise"`` a :class:`NonFiniteGradientError` is raised before
     anything is changed; ``"ignore"`` does not look.
     """
+    for g in grads:
+        if g.is_sparse:
+            raise RuntimeError(f"{type(optimizer).__name__} does not support sparse gradients")
     if policy == "ignore" or all_finite(grads):
         return True
     if policy == "raise":

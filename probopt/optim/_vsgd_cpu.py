@@ -13,7 +13,9 @@ from probopt._kernels.cpu import load, parallel_chunks
 __all__ = ["cpu_kernel_available", "fused_cpu_vsgd", "supports"]
 
 _DOUBLE = ctypes.c_double
-_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [_DOUBLE] * 9 + [ctypes.c_int] + [_DOUBLE] * 2
+_ARGTYPES = (
+    [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [_DOUBLE] * 9 + [ctypes.c_int] + [_DOUBLE] * 2
+)
 
 
 @functools.cache
@@ -83,7 +85,7 @@ def fused_cpu_vsgd(
         scalars = (lr, decay, 1.0 / a, gamma, k_g * gamma, t**-kappa1, t**-kappa2, eps, sign,
                    int(t == 1), k1, s2_1)  # fmt: skip
 
-        def run(start: int, length: int, fn=fn, ptrs=ptrs, size=size, scalars=scalars) -> None:
+        def run(start: int, length: int, fn=fn, ptrs=ptrs, size=size, scalars=scalars) -> None:  # noqa: ANN001, E501
             fn(*(q + start * size for q in ptrs), length, *scalars)
 
         parallel_chunks(p.numel(), run)

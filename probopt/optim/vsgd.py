@@ -8,7 +8,6 @@ single-tensor reference, a multi-tensor (foreach) path and a fused CUDA kernel
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -162,6 +161,11 @@ class VSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # the non-finite policy is applied to all groups before anything (state included) changes
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if not check_finite_grads(self, grads, group["nonfinite"]):
+                return loss
         groups = []
         for group in self.param_groups:
             lists: dict[str, list[Tensor]] = {
@@ -170,10 +174,6 @@ class VSGD(torch.optim.Optimizer):
             }  # fmt: skip
             self._init_group(group, lists)
             groups.append((group, lists))
-        # the non-finite policy is applied to all groups before anything changes
-        for group, lists in groups:
-            if not check_finite_grads(self, lists["grads"], group["nonfinite"]):
-                return loss
         for group, lists in groups:
             if not lists["params"]:
                 continue
@@ -248,8 +248,9 @@ VSGD.__doc__ = rf"""Variational stochastic gradient descent (VSGD).
         g_t \sim \mathcal{{N}}(\mu_{{t-1}}, w_g^{{-1}}), \quad
         \hat g_t \sim \mathcal{{N}}(g_t, w_{{\hat g}}^{{-1}}),
 
-    with the mean-field guide :math:`q(g_t) q(w_g) q(w_{{\hat g}}) = \mathcal{{N}}(\mu_t, \sigma_t^2)
-    \,\mathrm{{Gamma}}(a_t, b_{{t,g}})\,\mathrm{{Gamma}}(a_t, b_{{t,\hat g}})`. Stochastic variational
+    with the mean-field guide :math:`q(g_t) q(w_g) q(w_{{\hat g}}) =
+    \mathcal{{N}}(\mu_t, \sigma_t^2)\,\mathrm{{Gamma}}(a_t, b_{{t,g}})\,
+    \mathrm{{Gamma}}(a_t, b_{{t,\hat g}})`. Stochastic variational
     inference updates the local factor by coordinate ascent and the global factors by a
     natural-gradient step of size :math:`\rho_t = t^{{-\kappa}}`; the parameter update uses the
     posterior mean over the posterior second moment of the true gradient.
@@ -262,7 +263,8 @@ VSGD.__doc__ = rf"""Variational stochastic gradient descent (VSGD).
         \begin{{aligned}}
         &\textbf{{input}}: \eta, K_g, \gamma, \kappa_1, \kappa_2, \lambda, \epsilon,
             \theta_0, \text{{maximize}} \\
-        &\textbf{{initialize}}: \mu_0 \leftarrow 0, \; a \leftarrow \gamma + \tfrac12 + \tfrac\delta2
+        &\textbf{{initialize}}: \mu_0 \leftarrow 0, \;
+            a \leftarrow \gamma + \tfrac12 + \tfrac\delta2
             \quad \text{{(each parameter has its own step counter t)}} \\
         &\textbf{{for}}\: t = 1 \:\textbf{{to}}\: \ldots \:\textbf{{do}} \\
         &\quad \hat g_t \leftarrow \nabla_\theta f_t(\theta_{{t-1}})
@@ -281,7 +283,8 @@ VSGD.__doc__ = rf"""Variational stochastic gradient descent (VSGD).
             + \rho_1 \big(\gamma + \tfrac12(\sigma_t^2 + (\mu_t - \mu_{{t-1}})^2)\big) \\
         &\quad b_{{t,\hat g}} \leftarrow (1-\rho_2) b_{{t-1,\hat g}}
             + \rho_2 \big(K_g\gamma + \tfrac12(\sigma_t^2 + (\mu_t - \hat g_t)^2)\big) \\
-        &\quad \theta_t \leftarrow \theta_{{t-1}} - \eta\,\mu_t / (\sqrt{{\mu_t^2 + \sigma_t^2}} + \epsilon) \\
+        &\quad \theta_t \leftarrow \theta_{{t-1}}
+            - \eta\,\mu_t / (\sqrt{{\mu_t^2 + \sigma_t^2}} + \epsilon) \\
         &\textbf{{return}}\: \theta_t
         \end{{aligned}}
 
@@ -326,7 +329,6 @@ VSGD.__doc__ = rf"""Variational stochastic gradient descent (VSGD).
         instead of dividing 0 by 0.
 
     Example:
-        >>> torch.manual_seed(0)
         >>> x = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = VSGD([x], lr=0.1)
         >>> for _ in range(5):
@@ -336,10 +338,10 @@ VSGD.__doc__ = rf"""Variational stochastic gradient descent (VSGD).
         ...     opt.step()
         ...     print(f"{{loss.item():.4f}}")
         5.0000
-        4.2281
-        3.5320
-        2.8938
-        2.3084
+        4.4262
+        4.0360
+        3.6607
+        3.3014
 
     References:
         Chen, Kuzina, Esmaeili & Tomczak, `Variational Stochastic Gradient Descent for Deep Neural
@@ -720,5 +722,3 @@ def _foreach_vsgd_block(
     torch._foreach_sqrt_(x)
     torch._foreach_add_(x, eps)
     torch._foreach_addcdiv_(p, mu, x, value=-lr)
-
-

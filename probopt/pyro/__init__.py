@@ -1,1 +1,9 @@
-"""Pyro adapters: PyroOptim factories for probopt's optimizers."""
+"""Pyro adapters: PyroOptim factories for probopt's optimizers.
+
+>>> import probopt.pyro
+>>> optim = probopt.pyro.VSGD({"lr": 0.05})   # use as pyro.infer.SVI(model, guide, optim, loss)
+"""
+
+from probopt.pyro.optim import VSGD, ConstantVSGD
+
+__all__ = ["ConstantVSGD", "VSGD"]
