@@ -140,9 +140,14 @@ def main() -> None:
         for opt, top in best.items():
             default = [s for s in summarize([r for r in runs if r.optimizer == opt])
                        if math.isclose(s.lr, default_lr(opt))]  # fmt: skip
+            grid = lrs_of(opt)
+            edge = (
+                "; the largest tried" if len(grid) > 1 and math.isclose(top.lr, max(grid)) else
+                "; the smallest tried" if len(grid) > 1 and math.isclose(top.lr, min(grid)) else ""
+            )  # fmt: skip
             summary_rows.append([
                 name, LABELS[opt], _fmt(default[0].final_acc) if default else "n/a",
-                f"{_fmt(top.final_acc)} (lr {top.lr:g})",
+                f"{_fmt(top.final_acc)} (lr {top.lr:g}{edge})",
             ])  # fmt: skip
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
@@ -155,7 +160,9 @@ def main() -> None:
         "documented default, `probopt optimizers`); other settings are the optimizers' defaults "
         "(AdamW weight decay 0.01). Mean ± sd over seeds; runs that share a seed share the "
         "initial weights and the minibatch order. ★ marks the learning rate with the best mean "
-        "final accuracy. *ms / epoch* is training time only (one torch thread) and is noisy.",
+        "final accuracy; a best learning rate at the end of the sweep (\"the largest tried\") "
+        "means the optimum may lie beyond it. *ms / epoch* is training time only (one torch "
+        "thread) and is noisy on a shared machine.",
         "**Summary** (final test accuracy, %):\n\n" + markdown_table(
             ["dataset", "optimizer", "default lr", "best lr of the sweep"], summary_rows),
         *sections,
