@@ -33,6 +33,10 @@ values are written, so a difference estimator stays exactly unbiased given the p
 The working model is :class:`OnlineLinearModel`: ridge regression of the (flattened, possibly
 restricted) per-example gradients on :math:`h_k`, refit online with exponential forgetting.
 
+:class:`GradientFactorTable` is a different kind of auxiliary information: each example's own
+gradient of some dense layers at its last visit, stored as factors (SAGA's table), used by
+:class:`~probopt.sampling.model_assisted.CachedGradientEstimator`.
+
 References:
     Särndal, Swensson & Wretman, *Model Assisted Survey Sampling*, Springer, 1992.
     Pohjankukka & Heikkonen, `Stochastic Gradient Optimization with Model-Assisted Sampling
@@ -434,6 +438,7 @@ AUXILIARY_NAMES: tuple[str, ...] = (
     "pca-class",
     "loss",
     "loss-class",
+    "onehot+loss",
     "gradnorm",
     "residual",
     "residual-pca",
@@ -454,6 +459,7 @@ def make_auxiliary(name: str, *, k: int = 8, num_classes: int | None = None) -> 
     pca-class     ``Product(ClassOneHot(), PCAInputs(k))``
     loss          :class:`CachedLoss`
     loss-class    ``Product(ClassOneHot(), CachedLoss())``
+    onehot+loss   ``Concat(ClassOneHot(), CachedLoss())``
     gradnorm      :class:`CachedGradNorm`
     residual      :class:`CachedResidual`
     residual-pca  ``Product(CachedResidual(), PCAInputs(k))``: the cached output error
@@ -481,6 +487,8 @@ def make_auxiliary(name: str, *, k: int = 8, num_classes: int | None = None) -> 
         return CachedLoss()
     if name == "loss-class":
         return Product(ClassOneHot(num_classes), CachedLoss())
+    if name == "onehot+loss":
+        return Concat(ClassOneHot(num_classes), CachedLoss())
     if name == "gradnorm":
         return CachedGradNorm()
     if name == "residual":
@@ -514,7 +522,8 @@ class OnlineLinearModel:
 
     Cost: :meth:`update` :math:`O(n q^2 + n q p)` (two matrix products), :meth:`solve`
     :math:`O(q^3 + q^2 p)`, :meth:`predict` of the batch mean correction :math:`O(qp)`; memory
-    :math:`O(q^2 + qp)`. The :math:`q \times q` system is solved in float64.
+    :math:`O(q^2 + qp)`. The :math:`q \times q` system is factored in float64; for float32
+    gradients its inverse is then applied in float32.
 
     Args:
         q: number of auxiliary columns.
@@ -591,8 +600,10 @@ class OnlineLinearModel:
             a.diagonal().add_(jitter)
         else:  # pragma: no cover - only for wholly degenerate statistics
             raise RuntimeError("the normal equations are not positive definite")
-        coef = torch.cholesky_solve(self.s_hg.to(torch.float64), chol)
-        self.coef = coef.to(self.s_hg.dtype)
+        if self.s_hg.dtype == torch.float64:
+            self.coef = torch.cholesky_solve(self.s_hg, chol)
+        else:  # the q x q inverse in float64, the q x p product in the gradients' dtype
+            self.coef = torch.cholesky_inverse(chol).to(self.s_hg.dtype) @ self.s_hg
         return self.coef
 
     def predict(self, h: Tensor) -> Tensor:

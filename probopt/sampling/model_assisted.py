@@ -338,7 +338,6 @@ class DifferenceEstimator(GradientEstimator):
         self.auxiliary.fit(x, y)
         self.params = select_parameters(model, self.param_spec)
         named = dict(model.named_parameters())
-        self._shapes = {n: named[n].shape for n in self.params}
         p = sum(named[n].numel() for n in self.params)
         ref = named[self.params[0]]
         self.linear_model = OnlineLinearModel(
@@ -534,6 +533,19 @@ class CachedGradientEstimator(GradientEstimator):
         self.coef: dict[str, Tensor] = {k: torch.tensor(start, **kw) for k in self._layers}
         """:math:`\beta_L` per layer name (0-dim tensors: no host synchronisation)."""
 
+    def _capture(self, model: nn.Module) -> LinearGradCapture:
+        """The hooks object for ``model``, built once (not copied with the estimator)."""
+        cached = self.__dict__.get("_capture_cache")
+        if cached is None or cached[0] is not model:
+            cached = (model, LinearGradCapture(model, self.params))
+            self.__dict__["_capture_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_capture_cache", None)  # holds the model: never copy or pickle it
+        return state
+
     @staticmethod
     def _layers_fed_by_input(model: nn.Module, layers: dict[str, nn.Linear], x: Tensor) -> set:
         """Layers that receive the network input itself (their ``a_k = x_k`` never changes)."""
@@ -569,7 +581,7 @@ class CachedGradientEstimator(GradientEstimator):
         # a weight whose .grad is None before the backward holds exactly the batch mean after
         # it, which saves recomputing sum_s delta_k a_k^T
         fresh_grad = {k: modules[k].weight.grad is None for k in self._layers}
-        with LinearGradCapture(model, self.params) as cap:
+        with self._capture(model) as cap:
             losses = loss_fn(model(x), y)
             losses.mean().backward()
         fit = self.fixed_coef is None and self.steps % self.coef_every == 0
@@ -674,10 +686,16 @@ _REGISTRY: dict[str, tuple[Callable[..., GradientEstimator], dict[str, Any]]] = 
     "uniform": (UniformEstimator, {}),
     "greg-onehot": (GREGEstimator, {"auxiliary": "onehot"}),
     "greg-pca": (GREGEstimator, {"auxiliary": "pca", "k": 4}),
-    "greg-loss": (GREGEstimator, {"auxiliary": "loss-class"}),
-    "difference-lastlayer": (DifferenceEstimator, {"auxiliary": "residual-pca", "k": 8}),
-    "difference-pca-class": (DifferenceEstimator, {"auxiliary": "pca-class", "k": 8}),
-    "difference-onehot": (DifferenceEstimator, {"auxiliary": "onehot"}),
+    "greg-loss": (GREGEstimator, {"auxiliary": "onehot+loss"}),
+    "difference-onehot": (DifferenceEstimator, {"auxiliary": "onehot", "refit_every": 4}),
+    "difference-pca-class": (
+        DifferenceEstimator,
+        {"auxiliary": "pca-class", "k": 8, "refit_every": 4},
+    ),
+    "difference-lastlayer": (
+        DifferenceEstimator,
+        {"auxiliary": "residual-pca", "k": 8, "refit_every": 4},
+    ),
     "difference-cached": (CachedGradientEstimator, {}),
 }
 
@@ -692,15 +710,18 @@ def make_estimator(name: str, **kwargs: Any) -> GradientEstimator:
     name                   estimator
     =====================  =====================================================================
     uniform                plain minibatch mean (:class:`~probopt.sampling.UniformEstimator`)
-    greg-onehot            :class:`GREGEstimator` with class one-hot (post-stratification)
-    greg-pca               :class:`GREGEstimator` with 4 PCA scores of the inputs
-    greg-loss              :class:`GREGEstimator` with class one-hot ⊗ cached loss
-    difference-lastlayer   :class:`DifferenceEstimator` on the last layer, :math:`h` = cached
-                           output error ⊗ 8 PCA scores
-    difference-pca-class   :class:`DifferenceEstimator` on the last layer, :math:`h` = class
-                           one-hot ⊗ 8 PCA scores
+    greg-onehot            :class:`GREGEstimator`, :math:`h` = class one-hot
+                           (post-stratification by class)
+    greg-pca               :class:`GREGEstimator`, :math:`h` = 4 PCA scores of the inputs
+    greg-loss              :class:`GREGEstimator`, :math:`h` = class one-hot and cached loss
     difference-onehot      :class:`DifferenceEstimator` on the last layer, :math:`h` = class
-                           one-hot
+                           one-hot, refit every 4 steps
+    difference-pca-class   :class:`DifferenceEstimator` on the last layer, :math:`h` = class
+                           one-hot ⊗ 8 PCA scores, refit every 4 steps
+    difference-lastlayer   :class:`DifferenceEstimator` on the last layer, :math:`h` = cached
+                           output error ⊗ 8 PCA scores, refit every 4 steps
+    difference-cached      :class:`CachedGradientEstimator` on every dense layer: each
+                           example's last-visit gradient with a fitted coefficient per layer
     =====================  =====================================================================
 
     Args:

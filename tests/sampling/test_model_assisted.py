@@ -349,3 +349,17 @@ def test_validation(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
 
+
+
+def test_estimators_copy_without_the_model():
+    # a frozen copy must keep working on the original network (the benchmarks rely on it)
+    x, y, net = tiny()
+    for est in (CachedGradientEstimator(), DifferenceEstimator("pca", k=2)):
+        est.setup(net, x, y)
+        warm_up(est, net, x, y, 3, steps=2)
+        clone = copy.deepcopy(est)
+        assert "_capture_cache" not in clone.__dict__
+        idx = torch.tensor([0, 1, 2])
+        net.zero_grad()
+        clone.backward(net, ce, x[idx], y[idx], idx)
+        assert all(p.grad is not None for p in net.parameters())
