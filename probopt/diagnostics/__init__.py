@@ -30,7 +30,6 @@ from probopt.diagnostics.arviz import (  # noqa: E402
     guide_draws,
     importance_dataset,
     load,
-    relative_ess,
     save,
     to_datatree,
 )
@@ -38,6 +37,7 @@ from probopt.diagnostics.estimator_variance import (  # noqa: E402
     ADAPTERS,
     EstimatorRecorder,
     VarianceAdapter,
+    hansen_hurwitz_uniform_variance,
 )
 from probopt.diagnostics.plots import (  # noqa: E402
     VIEWS,
@@ -72,6 +72,7 @@ __all__ = [
     "VarianceAdapter",
     "draws_to_datatree",
     "guide_draws",
+    "hansen_hurwitz_uniform_variance",
     "importance_dataset",
     "load",
     "plot_beta",
@@ -81,7 +82,6 @@ __all__ = [
     "plot_importance",
     "plot_layer_quantity",
     "plot_snr_heatmap",
-    "relative_ess",
     "save",
     "save_views",
     "to_datatree",

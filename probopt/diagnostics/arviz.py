@@ -18,7 +18,10 @@ group              dims                        variables
                                                traces; :mod:`~probopt.diagnostics.
                                                estimator_variance`)
 ``importance``     ``step, example``           ``log_weights`` of the batch's draws (NaN pad);
-                   (``step``)                  ``ess`` (relative: ESS / draws) and ``khat``
+                   (``step``)                  ``ess`` (Kish ESS / draws) and ``khat`` (PSIS)
+                                               of the batch; for importance estimators also
+                                               ``active`` and ``design_ess``, ``design_khat``
+                                               of 4000 draws from the current design
 ``posterior``      ``chain, draw, step,        ``gradient``: draws of the true gradient from the
                    coordinate``                optimizer's posterior (the generic SVI path), so
                                                ``arviz_stats.ess`` / ``rhat`` apply per step
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from probopt._optional import require
 from probopt.diagnostics.recorder import LAYER_STATISTICS, QUANTITIES, Recorder
@@ -51,7 +55,6 @@ __all__ = [
     "guide_draws",
     "importance_dataset",
     "load",
-    "relative_ess",
     "save",
     "to_datatree",
 ]
@@ -70,8 +73,11 @@ DESCRIPTIONS: dict[str, str] = {
     "uniform_variance": "estimated design variance (trace) of the plain minibatch mean (SRSWOR)",
     "batch_size": "minibatch size",
     "log_weights": "log importance weights of the batch's draws",
-    "ess": "relative effective sample size of the importance weights",
-    "khat": "Pareto k-hat of the importance weights (PSIS)",
+    "ess": "Kish effective sample size of the batch's weights / draws",
+    "khat": "Pareto k-hat (PSIS) of the batch's weights",
+    "active": "1 if the batch was drawn by importance sampling, 0 if uniformly",
+    "design_ess": "Kish ESS / draws of the importance design's weights (4000 draws)",
+    "design_khat": "Pareto k-hat (PSIS) of the importance design's weights (4000 draws)",
 }
 
 
@@ -79,32 +85,26 @@ def _xr() -> Any:
     return require("xarray", "the DataTree of probopt.diagnostics")
 
 
-def relative_ess(log_weights: np.ndarray) -> np.ndarray:
-    r"""Kish's relative effective sample size :math:`(\sum w)^2 / (S \sum w^2)` along the last
-    axis, ignoring NaN (in ``(0, 1]``; 1 for equal weights).
+def _row_diagnostics(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Relative Kish ESS and PSIS Pareto k-hat of each row of log-weights (NaN entries dropped),
+    through :func:`probopt.sampling.importance.kish_ess` and
+    :func:`~probopt.sampling.importance.pareto_khat` (NaN when a row is too short or has zero
+    weights)."""
+    from probopt.sampling.importance import kish_ess, pareto_khat
 
-    Example:
-        >>> relative_ess(np.array([[0.0, 0.0, 0.0, 0.0], [0.0, -np.inf, -np.inf, -np.inf]]))
-        array([1.  , 0.25])
-    """
     lw = np.asarray(log_weights, dtype=float)
-    w = np.exp(lw - np.nanmax(lw, axis=-1, keepdims=True))
-    w = np.where(np.isnan(w), 0.0, w)
-    count = np.sum(~np.isnan(lw), axis=-1)
-    return np.sum(w, -1) ** 2 / (count * np.sum(w * w, -1))
-
-
-def _khat(log_weights: np.ndarray) -> np.ndarray:
-    """Pareto k-hat per row (NaN dropped), through ArviZ's PSIS (note the sign: ``psislw``
-    expects minus the log-weights; ``shared/notes/ecosystem.md`` section 3)."""
-    stats = require("arviz_stats.base", "Pareto k-hat").array_stats
-    out = np.full(log_weights.shape[0], np.nan)
-    for i, row in enumerate(np.asarray(log_weights, dtype=float)):
+    ess, khat = np.full(lw.shape[0], np.nan), np.full(lw.shape[0], np.nan)
+    for i, row in enumerate(lw):
         row = row[~np.isnan(row)]
-        if row.size >= 5:
-            _, k = stats.psislw(-row, r_eff=1.0)
-            out[i] = float(k)
-    return out
+        if row.size == 0:
+            continue
+        w = np.exp(row - row.max())  # scale-free: both diagnostics ignore a common factor
+        ess[i] = kish_ess(torch.from_numpy(w)) / row.size
+        try:
+            khat[i] = pareto_khat(torch.from_numpy(w))
+        except ValueError:  # zero weights: no tail fit
+            pass
+    return ess, khat
 
 
 def to_datatree(recorder: Recorder) -> Any:
@@ -168,9 +168,10 @@ def to_datatree(recorder: Recorder) -> Any:
             attrs={"estimator": type(recorder.estimator).__name__,
                    "name": str(getattr(recorder.estimator, "name", ""))},
         )  # fmt: skip
-        lw = est.log_weights()
-        if lw is not None:
-            tree["importance"] = importance_dataset(lw, estep)
+        imp = est.importance()
+        if imp is not None:
+            lw = imp.pop("log_weights")
+            tree["importance"] = importance_dataset(lw, estep, imp)
     draws = recorder.draw_array()
     if draws.size:
         chains, ndraws = draws.shape[:2]
@@ -187,16 +188,36 @@ def to_datatree(recorder: Recorder) -> Any:
     return xr.DataTree.from_dict(tree)
 
 
-def importance_dataset(log_weights: np.ndarray, steps: Sequence[int]) -> Any:
-    """The ``importance`` group from ``(steps, draws)`` log-weights (NaN-padded rows)."""
+def importance_dataset(
+    log_weights: np.ndarray,
+    steps: Sequence[int],
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> Any:
+    """The ``importance`` group from ``(steps, draws)`` log-weights (NaN-padded rows).
+
+    ``ess`` and ``khat`` are computed per row; ``extra`` adds per-step variables (``active``,
+    ``design_ess``, ``design_khat`` from the estimator adapters).
+
+    Example:
+        >>> ds = importance_dataset(np.log([[1.0, 1.0, 1.0, 1.0], [4.0, 1.0, 1.0, np.nan]]), [1, 2])
+        >>> ds["ess"].values.round(3).tolist()
+        [1.0, 0.667]
+    """
     xr = _xr()
     lw = np.asarray(log_weights, dtype=float)
+    ess, khat = _row_diagnostics(lw)
+    data = {
+        "log_weights": (("step", "example"), lw, _attrs("log_weights")),
+        "ess": ("step", ess, _attrs("ess")),
+        "khat": ("step", khat, _attrs("khat")),
+    }
+    for name, values in (extra or {}).items():
+        values = np.asarray(values)
+        if name == "active":
+            values = values.astype(np.int64)
+        data[name] = ("step", values, _attrs(name))
     return xr.Dataset(
-        {
-            "log_weights": (("step", "example"), lw, _attrs("log_weights")),
-            "ess": ("step", relative_ess(lw), _attrs("ess")),
-            "khat": ("step", _khat(lw), _attrs("khat")),
-        },
+        data,
         coords={
             "step": np.asarray(steps, dtype=np.int64),
             "example": np.arange(lw.shape[1], dtype=np.int64),
@@ -283,7 +304,6 @@ def guide_draws(
         ``site -> (chains, draws, *event_shape)`` numpy arrays, for :func:`draws_to_datatree`.
     """
     pyro = require("pyro", "drawing from a guide")
-    import torch
     from pyro import poutine
 
     out: dict[str, list[np.ndarray]] = {s: [] for s in sites}

@@ -45,7 +45,12 @@ from torch import Tensor, nn
 
 from probopt.diagnostics.recorder import _Buffer
 
-__all__ = ["ADAPTERS", "EstimatorRecorder", "VarianceAdapter"]
+__all__ = [
+    "ADAPTERS",
+    "EstimatorRecorder",
+    "VarianceAdapter",
+    "hansen_hurwitz_uniform_variance",
+]
 
 
 class VarianceAdapter:
@@ -67,8 +72,13 @@ class VarianceAdapter:
     ) -> float:
         return _srs(grads, est.population_size)
 
-    def importance(self, est: Any) -> Tensor | None:
-        """Log importance weights of the batch's draws, or None."""
+    def uniform_variance(self, est: Any, ctx: dict[str, Any], grads: Tensor) -> float:
+        """The plain minibatch mean's variance (SRSWOR) estimated from this batch."""
+        return _srs(grads, est.population_size)
+
+    def importance(self, est: Any, step: int) -> dict[str, Any] | None:
+        """Importance weights of the batch (``log_weights``) and design-level diagnostics, or
+        None for estimators without weights."""
         return None
 
 
@@ -148,6 +158,93 @@ class _Difference(VarianceAdapter):
         return _srs(resid, est.population_size)
 
 
+def hansen_hurwitz_uniform_variance(grads: Tensor, weights: Tensor, population_size: int) -> float:
+    r"""Unbiased estimate, from a with-replacement PPS sample, of the variance (trace) the plain
+    minibatch mean would have under SRSWOR of the same size.
+
+    With Hansen–Hurwitz weights :math:`w_i = 1/(b N q_{k_i})`, :math:`\hat\mu = \sum_i w_i g_i`
+    and :math:`\hat V_{HH}` its variance estimator,
+    :math:`\widehat{N^{-1}\sum_U \lVert g_k\rVert^2} = \sum_i w_i \lVert g_i\rVert^2` and
+    :math:`\widehat{\lVert\mu\rVert^2} = \lVert\hat\mu\rVert^2 - \operatorname{tr}\hat
+    V_{HH}` are unbiased, so
+
+    .. math::
+        \hat V_{unif} = \frac{N - b}{N - 1}\,\frac{1}{b}\Big(\sum_i w_i\lVert g_i\rVert^2
+        - \lVert\hat\mu\rVert^2 + \operatorname{tr}\hat V_{HH}\Big)
+
+    is unbiased for :math:`\frac{1-f}{b} S^2` (tested by enumeration).
+
+    Example:
+        >>> g = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # 2 draws, uniform q = 1/4
+        >>> round(hansen_hurwitz_uniform_variance(g, torch.tensor([0.5, 0.5]), 4), 6)
+        0.666667
+    """
+    from probopt.sampling import hansen_hurwitz_variance
+
+    b, big_n = grads.shape[0], population_size
+    if b < 2:
+        return math.nan
+    g = grads.double()
+    w = weights.to(g)
+    q = 1.0 / (b * big_n * w)
+    v_hh = float(hansen_hurwitz_variance(g, q, big_n, trace=True))
+    second = float((w * g.pow(2).sum(1)).sum())
+    mu = (w[:, None] * g).sum(0)
+    sigma2 = second - float(mu.pow(2).sum()) + v_hh
+    return (big_n - b) / (big_n - 1) * sigma2 / b if big_n > 1 else math.nan
+
+
+class _Importance(VarianceAdapter):
+    """:class:`~probopt.sampling.importance.ImportanceEstimator`: PPS with replacement, HH."""
+
+    def _q(self, est: Any, n: int) -> Tensor:
+        return 1.0 / (n * est.population_size * est.last_weights.double())
+
+    def variance(
+        self, est: Any, ctx: dict[str, Any], grads: Tensor, blocks: list[tuple[str, int]]
+    ) -> float:
+        from probopt.sampling import hansen_hurwitz_variance
+
+        n = grads.shape[0]
+        if n < 2:
+            return math.nan
+        q = self._q(est, n)
+        return float(hansen_hurwitz_variance(grads.double(), q, est.population_size, trace=True))
+
+    def uniform_variance(self, est: Any, ctx: dict[str, Any], grads: Tensor) -> float:
+        return hansen_hurwitz_uniform_variance(grads, est.last_weights, est.population_size)
+
+    def importance(self, est: Any, step: int) -> dict[str, Any] | None:
+        out = _batch_weights(est)
+        diag = est.weight_diagnostics(
+            num_draws=4000, generator=torch.Generator().manual_seed(step), warn=False
+        )
+        out.update(design_ess=diag.ess_fraction, design_khat=diag.khat)
+        return out
+
+
+class _Presample(VarianceAdapter):
+    """:class:`~probopt.sampling.importance.PresampleImportanceEstimator`: a two-stage design
+    (a uniform presample, then PPS within it) whose variance estimator is not implemented: NaN;
+    the weights are recorded."""
+
+    def variance(
+        self, est: Any, ctx: dict[str, Any], grads: Tensor, blocks: list[tuple[str, int]]
+    ) -> float:
+        return math.nan
+
+    def uniform_variance(self, est: Any, ctx: dict[str, Any], grads: Tensor) -> float:
+        return math.nan
+
+    def importance(self, est: Any, step: int) -> dict[str, Any] | None:
+        return _batch_weights(est)
+
+
+def _batch_weights(est: Any) -> dict[str, Any]:
+    w = est.last_weights.detach().double().cpu()
+    return {"log_weights": w.log().numpy(), "active": int(bool(est.active))}
+
+
 #: Estimator class -> adapter (looked up along the class's MRO).
 ADAPTERS: dict[type, VarianceAdapter] = {}
 
@@ -165,6 +262,16 @@ def _adapter_for(est: Any) -> VarianceAdapter:
                 DifferenceEstimator: _Difference(),
             }
         )
+        try:
+            from probopt.sampling.importance import (
+                ImportanceEstimator,
+                PresampleImportanceEstimator,
+            )
+        except ImportError:  # pragma: no cover - the module is part of probopt.sampling
+            pass
+        else:
+            ADAPTERS[ImportanceEstimator] = _Importance()
+            ADAPTERS[PresampleImportanceEstimator] = _Presample()
     cls = type(est)
     if cls in ADAPTERS:
         return ADAPTERS[cls]
@@ -257,12 +364,11 @@ class EstimatorRecorder:
             grads = per_example_grads(model, loss_fn, x, y, params=names, flat=True).detach()
         record = {
             "loss": float(loss),
-            "uniform_variance": _srs(grads, est.population_size),
+            "uniform_variance": float(self.adapter.uniform_variance(est, ctx, grads)),
             "variance": float(self.adapter.variance(est, ctx, grads, blocks)),
             "batch_size": int(x.shape[0]),
+            "importance": self.adapter.importance(est, step),
         }
-        lw = self.adapter.importance(est)
-        record["log_weights"] = None if lw is None else lw.detach().double().cpu().numpy()
         self._buf.add(step, record)
         return loss
 
@@ -273,14 +379,22 @@ class EstimatorRecorder:
     def array(self, key: str) -> np.ndarray:
         return np.array([r[key] for _, r in self._buf.records], dtype=float)
 
-    def log_weights(self) -> np.ndarray | None:
-        """``(steps, draws)`` log importance weights, NaN-padded; None when none recorded."""
-        rows = [r["log_weights"] for _, r in self._buf.records]
+    def importance(self) -> dict[str, np.ndarray] | None:
+        """``log_weights`` ``(steps, draws)`` (NaN-padded) and the per-step design diagnostics
+        the adapter gave (``active``, ``design_ess``, ``design_khat``); None when the estimator
+        has no weights."""
+        rows = [r["importance"] for _, r in self._buf.records]
         if not any(r is not None for r in rows):
             return None
-        width = max(len(r) for r in rows if r is not None)
-        out = np.full((len(rows), width), np.nan)
+        width = max(len(r["log_weights"]) for r in rows if r is not None)
+        out = {"log_weights": np.full((len(rows), width), np.nan)}
+        keys = sorted({k for r in rows if r is not None for k in r} - {"log_weights"})
+        for k in keys:
+            out[k] = np.full(len(rows), np.nan)
         for i, r in enumerate(rows):
-            if r is not None:
-                out[i, : len(r)] = r
+            if r is None:
+                continue
+            out["log_weights"][i, : len(r["log_weights"])] = r["log_weights"]
+            for k in keys:
+                out[k][i] = r.get(k, np.nan)
         return out

@@ -247,30 +247,40 @@ def plot_estimator_variance(dt: Any, *, window: int = 10) -> Any:
 
 def plot_importance(dt: Any) -> Any:
     r"""Reliability of the importance weights over training: Pareto :math:`\hat k` (PSIS) and
-    the relative effective sample size of each recorded batch.
+    the relative effective sample size (Kish ESS / draws).
 
-    Reference lines: :math:`\hat k = 0.5` and :math:`0.7` (Vehtari et al.), and the
-    sample-size threshold :math:`\min(1 - 1/\log_{10} S, 0.7)` for :math:`S` draws.
+    Where the tree has design-level diagnostics (``design_khat``, ``design_ess``: 4000 draws from
+    the estimator's current design) they are drawn as lines and the batch's own values as dots;
+    otherwise the batch's values only. Grey spans mark steps drawn uniformly (``active = 0``).
+    Reference lines: :math:`\hat k = 0.5` and :math:`0.7` (Vehtari et al.).
     """
     ds = _group(dt, "importance", "plot_importance")
     step = ds["step"].values
     fig, axes = _figure(2, 1, height=2.4)
-    ax = axes[0, 0]
-    ax.plot(step, ds["khat"].values, ".-", ms=3, lw=0.8, color="C3")
-    draws = int(np.nanmedian(np.sum(np.isfinite(ds["log_weights"].values), axis=1)))
-    ax.axhline(0.5, color="0.5", lw=0.8, ls=":", label="0.5")
-    ax.axhline(0.7, color="0.3", lw=0.8, ls="--", label="0.7")
-    if draws > 10:
-        ax.axhline(min(1 - 1 / math.log10(draws), 0.7), color="C3", lw=0.8, ls="-.",
-                   label=f"threshold for S = {draws}")  # fmt: skip
-    ax.set_ylabel(r"Pareto $\hat k$")
-    ax.legend(fontsize=7)
-    ax.set_title("Importance weights: tail and effective sample size", fontsize=10)
-    ax = axes[1, 0]
-    ax.plot(step, ds["ess"].values, ".-", ms=3, lw=0.8, color="C0")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("ESS / draws")
-    ax.set_xlabel("step")
+    top, bottom = axes[0, 0], axes[1, 0]
+    design = "design_khat" in ds
+    top.plot(step, ds["khat"].values, ".", ms=3, color="C3", alpha=0.6,
+             label="batch" if design else None)  # fmt: skip
+    bottom.plot(step, ds["ess"].values, ".", ms=3, color="C0", alpha=0.6,
+                label="batch" if design else None)  # fmt: skip
+    if design:
+        top.plot(step, ds["design_khat"].values, "-", lw=1.2, color="C3", label="design")
+        bottom.plot(step, ds["design_ess"].values, "-", lw=1.2, color="C0", label="design")
+        bottom.legend(fontsize=7)
+    if "active" in ds:
+        edges = _edges(step)
+        for i, on in enumerate(ds["active"].values):
+            if not on:
+                for ax in (top, bottom):
+                    ax.axvspan(edges[i], edges[i + 1], color="0.92", lw=0, zorder=0)
+    top.axhline(0.5, color="0.5", lw=0.8, ls=":", label="0.5")
+    top.axhline(0.7, color="0.3", lw=0.8, ls="--", label="0.7")
+    top.set_ylabel(r"Pareto $\hat k$")
+    top.legend(fontsize=7, ncols=2)
+    top.set_title("Importance weights: tail and effective sample size", fontsize=10)
+    bottom.set_ylim(0, 1.05)
+    bottom.set_ylabel("ESS / draws")
+    bottom.set_xlabel("step")
     return fig
 
 

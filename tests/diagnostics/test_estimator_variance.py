@@ -163,3 +163,62 @@ def test_unknown_estimator_records_nan_for_its_own_variance():
     opt.step()
     e = to_datatree(rec)["estimator"]
     assert np.isnan(e["variance"].values).all() and np.isfinite(e["uniform_variance"].values).all()
+
+
+def test_hansen_hurwitz_variances_are_unbiased_by_enumeration():
+    # N = 4 units, b = 2 draws with replacement from a non-uniform q: all 16 ordered draws with
+    # probability q_i q_j. E[V_HH] is the HH design variance; E[V_unif] the SRSWOR variance of
+    # the plain mean (sizes b): both exactly, float64 rounding only.
+    from probopt.diagnostics import hansen_hurwitz_uniform_variance
+    from probopt.sampling import hansen_hurwitz_variance, hansen_hurwitz_weights
+
+    g = torch.tensor([[1.0, 0.5], [2.0, -1.0], [-0.5, 3.0], [0.2, 0.1]], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    big_n, b = 4, 2
+    mu = g.mean(0)
+    e_hh = e_unif = 0.0
+    for i, j in itertools.product(range(big_n), repeat=b):
+        idx = torch.tensor([i, j])
+        prob = float(q[i] * q[j])
+        w = hansen_hurwitz_weights(q[idx], big_n)
+        e_hh += prob * float(hansen_hurwitz_variance(g[idx], q[idx], big_n, trace=True))
+        e_unif += prob * hansen_hurwitz_uniform_variance(g[idx], w, big_n)
+    exact_hh = float(((g.pow(2).sum(1) / (big_n**2 * q)).sum() - mu.pow(2).sum()) / b)
+    assert e_hh == pytest.approx(exact_hh, rel=1e-12)
+    assert e_unif == pytest.approx(float(srs_design_variance(g, b, trace=True)), rel=1e-12)
+
+
+def test_importance_estimator_records_weights_and_design_diagnostics():
+    from probopt.sampling import hansen_hurwitz_variance
+    from probopt.sampling.importance import ImportanceEstimator
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    est = ImportanceEstimator(tau_threshold=0.0, smoothing=0.01)  # importance on after step 1
+    est.setup(net, x, y)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    rec = Recorder(opt, model=net, estimator=est, variance_every=2)
+    weights, expected = {}, {}
+    for index in est.epoch_batches(8, torch.Generator().manual_seed(0)):
+        opt.zero_grad()
+        est.backward(net, _loss, x[index], y[index], index)
+        step = rec.step + 1
+        w = est.last_weights.clone()
+        weights[step] = w
+        g = per_example_grads(net, _loss, x[index], y[index], flat=True)
+        q = 1 / (len(index) * 64 * w)
+        expected[step] = float(hansen_hurwitz_variance(g, q, 64, trace=True))
+        opt.step()
+        est.after_step(net)
+    dt = to_datatree(rec)
+    imp, e = dt["importance"], dt["estimator"]
+    steps = imp["step"].values.tolist()
+    assert steps == list(range(2, 9, 2))
+    np.testing.assert_allclose(imp["log_weights"].values,
+                               np.log(np.stack([weights[s].numpy() for s in steps])))  # fmt: skip
+    np.testing.assert_allclose(e["variance"].values, [expected[s] for s in steps], rtol=1e-10)
+    assert imp["active"].values.tolist()[1:] == [1, 1, 1]  # importance sampling switched on
+    assert np.all((imp["design_ess"].values > 0) & (imp["design_ess"].values <= 1))
+    assert np.isfinite(imp["design_khat"].values).all()
