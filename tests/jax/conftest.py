@@ -1,0 +1,12 @@
+"""Fixtures of the JAX tests: a scoped float64 mode (tests share one process)."""
+
+import pytest
+
+jax = pytest.importorskip("jax")
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 in JAX for one test only (``jax.enable_x64`` is a context manager)."""
+    with jax.enable_x64(True):
+        yield

@@ -1,0 +1,270 @@
+"""probopt.jax.estimators / designs: parity with torch and the NumPy reference, exact
+enumeration with masks, design frequencies, jit."""
+
+import math
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+import probopt.jax.designs as jd  # noqa: E402
+import probopt.jax.estimators as je  # noqa: E402
+import probopt.sampling.designs as td  # noqa: E402
+import probopt.sampling.estimators as te  # noqa: E402
+from probopt.testing import reference as ref  # noqa: E402
+
+N = 40
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(5)
+    n, p, q = 9, 4, 3
+    return dict(
+        y=rng.standard_normal((n, p)),
+        y1=rng.standard_normal(n),
+        y_hat=rng.standard_normal((n, p)),
+        y_hat_mean=rng.standard_normal(p),
+        pi=rng.uniform(0.1, 0.9, n),
+        p=rng.dirichlet(np.ones(n)),
+        h=np.column_stack([np.ones(n), rng.standard_normal((n, q - 1))]),
+        h_mean=np.array([1.0, 0.2, -0.1]),
+        c=rng.uniform(0.5, 2.0, n),
+    )
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def _cases(d):
+    """(name, jax value, torch value, NumPy reference value or None) for every estimator."""
+    j = {k: jnp.asarray(v) for k, v in d.items()}
+    t = {k: _t(v) for k, v in d.items()}
+    out = []
+    for total in (False, True):
+        kw = dict(total=total)
+        out += [
+            ("ht", je.horvitz_thompson(j["y"], j["pi"], N, **kw),
+             te.horvitz_thompson(t["y"], t["pi"], N, **kw),
+             ref.horvitz_thompson(d["y"], d["pi"], N, **kw)),
+            ("ht1", je.horvitz_thompson(j["y1"], j["pi"], N, **kw),
+             te.horvitz_thompson(t["y1"], t["pi"], N, **kw),
+             ref.horvitz_thompson(d["y1"], d["pi"], N, **kw)),
+            ("hh", je.hansen_hurwitz(j["y"], j["p"], N, **kw),
+             te.hansen_hurwitz(t["y"], t["p"], N, **kw),
+             ref.hansen_hurwitz(d["y"], d["p"], N, **kw)),
+            ("diff", je.difference_estimator(j["y"], j["y_hat"], j["y_hat_mean"], j["pi"], N, **kw),
+             te.difference_estimator(t["y"], t["y_hat"], t["y_hat_mean"], t["pi"], N, **kw),
+             ref.difference_estimator(d["y"], d["y_hat"], d["y_hat_mean"], d["pi"], N, **kw)),
+            ("ht_w", je.horvitz_thompson_weights(j["pi"], N, **kw),
+             te.horvitz_thompson_weights(t["pi"], N, **kw), None),
+            ("hh_w", je.hansen_hurwitz_weights(j["p"], N, **kw),
+             te.hansen_hurwitz_weights(t["p"], N, **kw), None),
+        ]  # fmt: skip
+        for c in (None, "c"):
+            jc, tc, rc = (None, None, None) if c is None else (j["c"], t["c"], d["c"])
+            out += [
+                ("greg_w", je.greg_weights(j["h"], j["h_mean"], j["pi"], N, c=jc, **kw),
+                 te.greg_weights(t["h"], t["h_mean"], t["pi"], N, c=tc, **kw),
+                 ref.greg_weights(d["h"], d["h_mean"], d["pi"], N, c=rc, **kw)),
+                ("greg", je.greg(j["y"], j["h"], j["h_mean"], j["pi"], N, c=jc, **kw),
+                 te.greg(t["y"], t["h"], t["h_mean"], t["pi"], N, c=tc, **kw),
+                 ref.greg(d["y"], d["h"], d["h_mean"], d["pi"], N, c=rc, **kw)),
+            ]  # fmt: skip
+    out += [
+        ("hajek", je.hajek(j["y"], j["pi"]), te.hajek(t["y"], t["pi"]), ref.hajek(d["y"], d["pi"])),
+        ("greg_ridge", je.greg_weights(j["h"], j["h_mean"], j["pi"], N, ridge=0.3),
+         te.greg_weights(t["h"], t["h_mean"], t["pi"], N, ridge=0.3), None),
+        ("greg_coef", je.greg_coefficients(j["y"], j["h"], j["pi"], N, c=j["c"]),
+         te.greg_coefficients(t["y"], t["h"], t["pi"], N, c=t["c"]), None),
+    ]  # fmt: skip
+    return out
+
+
+def test_estimators_match_torch_and_reference_float64(x64, data):
+    """Every estimator and loss-weight function: JAX = torch = the NumPy textbook sums, float64.
+    1e-10 relative: the GREG paths solve the same 3x3 system by different LAPACK calls and the
+    reference uses the regression form (measured ~1e-15)."""
+    for name, j, t, r in _cases(data):
+        assert j.dtype == jnp.float64, name
+        np.testing.assert_allclose(np.asarray(j), t.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+        if r is not None:
+            np.testing.assert_allclose(np.asarray(j), r, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_float32_inputs_stay_float32(data):
+    y, pi = jnp.asarray(data["y"], jnp.float32), jnp.asarray(data["pi"], jnp.float32)
+    h = jnp.asarray(data["h"], jnp.float32)
+    assert je.horvitz_thompson(y, pi, N).dtype == jnp.float32
+    w = je.greg_weights(h, jnp.asarray(data["h_mean"], jnp.float32), pi, N)
+    assert w.dtype == jnp.float32
+    # float32 calibration: sum_s w_k h_k = h_bar_U within 1e-5 (float32 solve of a 3x3 system)
+    np.testing.assert_allclose(np.asarray(w @ h), data["h_mean"], atol=1e-5)
+
+
+def test_mask_equals_the_subsample(x64, data):
+    """Masked-out units get weight exactly 0: the estimate on all n units with a mask is the
+    estimate on the subsample (1e-12)."""
+    mask = np.array([True, False, True, True, False, True, True, False, True])
+    j = {k: jnp.asarray(v) for k, v in data.items()}
+    sub = {k: jnp.asarray(v[mask]) for k, v in data.items() if np.shape(v)[:1] == (9,)}
+    m = jnp.asarray(mask)
+    pairs = [
+        (je.horvitz_thompson(j["y"], j["pi"], N, mask=m),
+         je.horvitz_thompson(sub["y"], sub["pi"], N)),
+        (je.hajek(j["y"], j["pi"], mask=m), je.hajek(sub["y"], sub["pi"])),
+        (je.difference_estimator(j["y"], j["y_hat"], j["y_hat_mean"], j["pi"], N, mask=m),
+         je.difference_estimator(sub["y"], sub["y_hat"], j["y_hat_mean"], sub["pi"], N)),
+        (je.greg(j["y"], j["h"], j["h_mean"], j["pi"], N, c=j["c"], mask=m),
+         je.greg(sub["y"], sub["h"], j["h_mean"], sub["pi"], N, c=sub["c"])),
+        (je.greg_coefficients(j["y"], j["h"], j["pi"], N, mask=m),
+         je.greg_coefficients(sub["y"], sub["h"], sub["pi"], N)),
+    ]  # fmt: skip
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert float(je.hajek(j["y1"], j["pi"], mask=jnp.zeros(9, bool))) == 0.0  # empty: 0, not NaN
+
+
+def test_poisson_design_exact_enumeration_with_masks(x64):
+    """All 2^7 Poisson samples as masks (one vmapped, jitted call): E[HT] and E[difference] are
+    the population mean exactly (1e-12); the design variance of HT equals the textbook formula
+    sum_U (1 - pi_k)/pi_k y_k^2 / N^2."""
+    rng = np.random.default_rng(0)
+    pi = rng.uniform(0.2, 0.9, 7)
+    y = rng.standard_normal((7, 2)) + 1.0
+    y_hat = y + 0.1 * rng.standard_normal((7, 2))
+    samples = ref.enumerate_poisson(pi)
+    masks = np.zeros((len(samples), 7), bool)
+    for i, s in enumerate(samples):
+        masks[i, s.indices] = True
+    prob = np.array([s.probability for s in samples])
+
+    @jax.jit
+    @jax.vmap
+    def estimates(mask):
+        ht = je.horvitz_thompson(jnp.asarray(y), jnp.asarray(pi), 7, mask=mask)
+        diff = je.difference_estimator(
+            jnp.asarray(y),
+            jnp.asarray(y_hat),
+            jnp.asarray(y_hat.mean(0)),
+            jnp.asarray(pi),
+            7,
+            mask=mask,
+        )
+        return ht, diff
+
+    ht, diff = (np.asarray(x) for x in estimates(jnp.asarray(masks)))
+    np.testing.assert_allclose(prob @ ht, y.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(prob @ diff, y.mean(0), rtol=0, atol=1e-12)
+    var = prob @ (ht - y.mean(0)) ** 2
+    np.testing.assert_allclose(var, ((1 - pi) / pi) @ y**2 / 49, rtol=1e-10)
+
+
+def test_design_inclusion_probabilities_match_torch(x64):
+    sizes = np.array([1.0, 2.0, 3.0, 10.0, 0.5])
+    t = td.PPSWithReplacement(torch.tensor(sizes), num_draws=4)
+    j = jd.pps_with_replacement_inclusion_probabilities(jnp.asarray(sizes / sizes.sum()), 4)
+    np.testing.assert_allclose(np.asarray(j), t.inclusion_probabilities().numpy(), rtol=1e-13)
+    strata = [0, 0, 1, 1, 1, 2, 2, 2, 2, 0]
+    t = td.StratifiedSampling(torch.tensor(strata), sample_size=5)
+    labels, alloc = jd.stratified_allocation(strata, 5)
+    assert alloc == t.sample_sizes
+    j = jd.stratified_inclusion_probabilities(strata, alloc)
+    np.testing.assert_allclose(np.asarray(j), t.inclusion_probabilities().numpy(), rtol=1e-15)
+
+
+def test_sample_frequencies_match_inclusion_probabilities():
+    """5000 draws of every design (vmapped over keys, jitted): the empirical inclusion
+    frequency of every unit is within 5 binomial standard deviations of pi_k (a wrong design,
+    e.g. sampling with replacement or ignoring p_k, is off by tens of sd); SRS and stratified
+    samples hold distinct units and the right number per stratum."""
+    reps, n_units = 5000, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), reps)
+
+    def check(freq, pi):
+        sd = np.sqrt(pi * (1 - pi) / reps)
+        assert (np.abs(freq - pi) < 5 * sd + 1e-12).all(), (freq, pi)
+
+    srs = jax.jit(jax.vmap(lambda k: jd.simple_random_sample(k, n_units, 3).indices))(keys)
+    onehot = np.zeros((reps, n_units))
+    np.put_along_axis(onehot, np.asarray(srs), 1.0, axis=1)
+    assert (onehot.sum(1) == 3).all()  # distinct units
+    check(onehot.mean(0), np.full(n_units, 3 / n_units))
+
+    pi = jnp.linspace(0.1, 0.9, n_units)
+    masks = jax.jit(jax.vmap(lambda k: jd.poisson_sample(k, pi).mask))(keys)
+    check(np.asarray(masks).mean(0), np.asarray(pi))
+
+    sizes = jnp.arange(1.0, n_units + 1)
+    draws = jax.jit(jax.vmap(lambda k: jd.pps_with_replacement_sample(k, sizes, 2).indices))(keys)
+    hit = np.zeros((reps, n_units))
+    for col in range(2):
+        hit[np.arange(reps), np.asarray(draws)[:, col]] = 1.0
+    p = np.asarray(sizes / sizes.sum())
+    check(hit.mean(0), 1 - (1 - p) ** 2)
+
+    strata = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    st = jax.jit(jax.vmap(lambda k: jd.stratified_sample(k, strata, sample_sizes=[1, 2]).indices))(
+        keys
+    )
+    st = np.asarray(st)
+    assert (strata[st[:, 0]] == 0).all() and (strata[st[:, 1:]] == 1).all()
+    assert (st[:, 1] != st[:, 2]).all()
+    onehot = np.zeros((reps, n_units))
+    np.put_along_axis(onehot, st, 1.0, axis=1)
+    check(onehot.mean(0), np.asarray(jd.stratified_inclusion_probabilities(strata, [1, 2])))
+
+
+def test_loss_weights_give_the_estimate_as_a_gradient(x64):
+    """jax.grad of sum_s w_k loss_k is the estimator applied to the per-example gradients."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((6, 3)))
+    pi = jnp.asarray(rng.uniform(0.2, 0.8, 6))
+    theta = jnp.asarray([0.3, -0.2, 0.1])
+
+    def losses(th):
+        return 0.5 * (x @ th - 1.0) ** 2
+
+    w = je.horvitz_thompson_weights(pi, 50)
+    g = jax.grad(lambda th: w @ losses(th))(theta)
+    per_example = jax.jacrev(losses)(theta)
+    np.testing.assert_allclose(g, je.horvitz_thompson(per_example, pi, 50), rtol=1e-12)
+
+
+ERRORS = [
+    (lambda: je.horvitz_thompson(jnp.ones((2, 2, 2)), jnp.ones(2), 4), r"Invalid y: expected"),
+    (lambda: je.horvitz_thompson(jnp.ones(3), jnp.ones(2), 4), r"Invalid pi: .*\(3,\)"),
+    (lambda: je.horvitz_thompson(jnp.ones(2), jnp.ones(2), 0), "Invalid population_size: 0"),
+    (lambda: je.hajek(jnp.ones(2), jnp.ones(2), mask=jnp.ones(2)), "Invalid mask: expected bool"),
+    (lambda: je.difference_estimator(jnp.ones(2), jnp.ones(3), 0.0, jnp.ones(2), 4),
+     "Invalid y_hat"),
+    (lambda: je.greg_weights(jnp.ones((2, 3)), jnp.ones(3), jnp.ones(2), 4), "singular"),
+    (lambda: je.greg_weights(jnp.ones((3, 2)), jnp.ones(3), jnp.ones(3), 4),
+     "Invalid h_population_mean"),
+    (lambda: je.greg_weights(jnp.ones((3, 2)), jnp.ones(2), jnp.ones(3), 4, ridge=-1.0),
+     "Invalid ridge"),
+    (lambda: jd.simple_random_sample(jax.random.PRNGKey(0), 3, 4), "Invalid sample_size: 4"),
+    (lambda: jd.stratified_sample(jax.random.PRNGKey(0), [0, 2], 2), "stratum 1 is empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, message", ERRORS)
+def test_invalid_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_srs_horvitz_thompson_is_the_minibatch_mean():
+    s = jd.simple_random_sample(jax.random.PRNGKey(3), 30, 6)
+    y = jnp.arange(30.0) ** 2
+    np.testing.assert_allclose(
+        je.horvitz_thompson(y[s.indices], s.inclusion_probabilities, 30),
+        y[s.indices].mean(),
+        rtol=1e-6,
+    )
+    assert math.isclose(float(s.inclusion_probabilities.sum()), 6 * 6 / 30, rel_tol=1e-6)
