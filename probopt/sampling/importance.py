@@ -27,8 +27,8 @@ bounded, :math:`1/(N q_k) \le 1/\lambda`.
 **The algorithm** (:class:`ImportanceEstimator`, the loop of
 :class:`~probopt.sampling.GradientEstimator`)::
 
-    input: N examples, batch size b, smoothing c, mixing λ, threshold τ_th, momentum a_τ
-    s ← NaN (N,) ; version ← 0 ; τ ← 0
+    input: N examples, batch size b, smoothing c, mixing λ, sweep r, momentum a_τ
+    s ← NaN (N,) ; version ← 0 ; τ ← 0 ; τ_th ← (2r + 3b)/(3b) ; cursor ← 0
     for each step:
         q ← (1 − λ)(s + c)/Σ(s + c) + λ/N        if τ > τ_th   else 1/N        # the design
         draw k_1..k_b ~ q with replacement
@@ -37,7 +37,17 @@ bounded, :math:`1/(N q_k) \le 1/\lambda`.
         s_{k_i} ← ‖g_{k_i}‖ (version)                                         # in-batch refresh
         optimizer.step() ; version ← version + 1
         s ← freshest of s and the scores workers published (with their version)
+        if τ > τ_th:                                                         # the sweep
+            s_{cursor..cursor+r} ← ‖g‖ at the new θ (version) ; cursor ← cursor + r (mod N)
         τ ← a_τ τ + (1 − a_τ) τ_new(s, q)                                    # Katharopoulos–Fleuret
+
+Why the sweep: under importance sampling an example whose stored score is small is rarely drawn,
+so its score is rarely refreshed; if its gradient grows meanwhile, the weight
+:math:`1/(Nq_k)` multiplies a large gradient. Measured mid-training on MNIST-5k, the in-batch
+refresh alone gave a design *worse* than uniform (one example with a score 2·10⁵ times too small
+carried 84 % of the variance); a round-robin sweep of :math:`r = b/2` examples per step (a local
+scoring worker, what Alain et al.'s remote workers do) brought it within 10–50 % of the ideal
+(``benchmarks/bench_importance_variance.py``).
 
 The Katharopoulos–Fleuret criterion: :math:`\tau_{new} = \sqrt{\bar{s^2}/\sum_U s_k^2/(N^2 q_k)}`
 is the square root of the ratio of the uniform to the importance second moment (for :math:`q
@@ -72,11 +82,12 @@ References:
     estimator is unbiased for the whole population. Their trainer did not score its own
     batches; ours refreshes the drawn examples from the training backward by default (the
     dense-layer identity, :mod:`probopt.sampling.scores`; ``refresh=False`` restores theirs).
-    The τ switch comes from Katharopoulos & Fleuret (whose code starts τ at 0 and uses
-    :math:`a_\tau = 0.9`); applying it to a table of stale scores is ours. The default
-    ``tau_threshold = 1.2`` of :class:`ImportanceEstimator` is ours: KF's cost model with the
-    in-batch dense identity counted as :math:`B \approx 0.6b` forward passes (it costs at most
-    0.2 × a forward/backward, ``benchmarks/bench_importance_norm_overhead.py``).
+    The sweep is ours (a scoring worker inside the trainer). The τ switch comes from
+    Katharopoulos & Fleuret (whose code starts τ at 0 and uses :math:`a_\tau = 0.9`); applying
+    it to a table of stale scores is ours, as is its default threshold, KF's cost model
+    :math:`(B + 3b)/(3b)` with the sweep counted as :math:`B = 2r` forward passes (a forward and
+    a backward to the layer outputs); the in-batch dense identity is paid in both modes and not
+    counted (``benchmarks/bench_importance_norm_overhead.py`` measures it).
 """
 
 from __future__ import annotations
@@ -478,11 +489,14 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
             other methods by an extra call on the batch.
         smoothing: additive constant :math:`c` on the scores.
         uniform_mix: :math:`\lambda`, the share of uniform in :math:`q`.
-        tau_threshold: importance sampling is used while the averaged :math:`\tau` exceeds it
-            (1.0: whenever it helps at all).
+        tau_threshold: importance sampling is used while the averaged :math:`\tau` exceeds it;
+            ``None``: the cost model :math:`(2r + 3b)/(3b)` (1.0 means whenever it helps).
         tau_momentum: :math:`a_\tau`.
         refresh: refresh the drawn examples' scores from the training pass (``False``: only
-            workers score, as in Alain et al.).
+            the sweep and the workers score, as in Alain et al.).
+        sweep: :math:`r`, examples re-scored round robin after each importance-sampled step
+            (and after every step when ``refresh=False``); ``None``: ``batch_size // 2``
+            without workers, 0 with workers.
         workers: number of scoring workers (:class:`probopt.distributed.ScoringPool`); 0: none.
         backend: ``"local"`` (in-process, no Ray) or ``"ray"`` for the workers.
         sync_every: publish the parameters to the workers every this many steps.
@@ -516,9 +530,10 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         score: str = "auto",
         smoothing: float = 0.0,
         uniform_mix: float = 0.1,
-        tau_threshold: float = 1.2,
+        tau_threshold: float | None = None,
         tau_momentum: float = 0.9,
         refresh: bool = True,
+        sweep: int | None = None,
         workers: int = 0,
         backend: str = "local",
         sync_every: int = 16,
@@ -529,8 +544,14 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self.score = _check_method(score)
         self.smoothing = _check_nonneg("smoothing", smoothing)
         self.uniform_mix = _check_unit("uniform_mix", uniform_mix)
-        self.tau_condition = TauCondition(tau_threshold, tau_momentum)
+        self.fixed_threshold = tau_threshold
+        self.tau_condition = TauCondition(1.0 if tau_threshold is None else tau_threshold,
+                                          tau_momentum)  # fmt: skip
         self.refresh = bool(refresh)
+        if sweep is not None and (isinstance(sweep, bool) or not isinstance(sweep, int)
+                                  or sweep < 0):  # fmt: skip
+            raise ValueError(f"Invalid sweep: {sweep!r} (must be an integer >= 0 or None)")
+        self.sweep = sweep
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"Invalid workers: {workers!r} (must be an integer >= 0)")
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
@@ -552,6 +573,9 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self.tau_condition.value = 0.0
         self._data = (x, y)
         self._pending = None
+        self._loss_fn: LossFn | None = None
+        self._cursor = 0
+        self.sweep_size = 0 if self.sweep is None else self.sweep
         if self.pool is None and self.workers > 0:
             from probopt.distributed import ScoringPool
 
@@ -559,6 +583,10 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
                 self.workers, backend=self.backend, method=self.score, block_size=self.block_size
             )
         self._pool_started = False
+        self._hooks = self.refresh and self.score in ("auto", "dense")
+        self._capture: DenseNormCapture | None = None
+        if self._hooks and model is not None:
+            self._capture = DenseNormCapture(model, self.params)
 
     def probabilities(self) -> Tensor:
         """The importance design :math:`q` from the current table (whether or not it is on)."""
@@ -579,6 +607,10 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
             raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+        if self.sweep is None:
+            self.sweep_size = batch_size // 2 if self.pool is None else 0
+        if self.fixed_threshold is None:
+            self.tau_condition.threshold = tau_threshold(2 * self.sweep_size, batch_size)
         for _ in range(n // batch_size):
             if self.active:
                 q = self.probabilities()
@@ -603,9 +635,11 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, index: Tensor
     ) -> Tensor:
         weights = self._take_pending(index)
+        self._loss_fn = loss_fn
         self._start_pool(model, loss_fn)
-        hooks = self.refresh and self.score in ("auto", "dense")
-        cap = DenseNormCapture(model, self.params) if hooks else None
+        cap = self._capture
+        if self._hooks and (cap is None or cap.model is not model):  # not the setup network
+            cap = self._capture = DenseNormCapture(model, self.params)
         if cap is not None:
             with cap:
                 losses = loss_fn(model(x), y)
@@ -655,8 +689,19 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
                 self.pool.publish(model, self.version)
             for batch in self.pool.poll():
                 self.table.update(batch.indices, batch.scores, batch.version)
+        if self.sweep_size and self._loss_fn is not None and (self.active or not self.refresh):
+            self._sweep(model)
         q = self.probabilities()
         self.tau_condition.update(tau(self.table.scores, q))
+
+    def _sweep(self, model: nn.Module) -> None:
+        n, lo = self.population_size, self._cursor
+        block = torch.arange(lo, lo + min(self.sweep_size, n)) % n
+        self._cursor = int(block[-1] + 1) % n
+        x, y = self._data
+        bd = block.to(x.device)
+        scores = score_examples(model, self._loss_fn, x[bd], y[bd], self.score, params=self.params)
+        self.table.update(block, scores, self.version)
 
     def weight_diagnostics(
         self, num_draws: int = 4000, generator: torch.Generator | None = None, *, warn: bool = True
@@ -676,7 +721,7 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(score={self.score!r}, smoothing={self.smoothing}, "
-            f"uniform_mix={self.uniform_mix}, tau_threshold={self.tau_condition.threshold}, "
+            f"uniform_mix={self.uniform_mix}, sweep={self.sweep}, "
             f"workers={self.workers if self.pool is None else self.pool.num_workers})"
         )
 
@@ -829,7 +874,7 @@ _REGISTRY: dict[str, tuple[type[GradientEstimator], dict[str, Any]]] = {
     "importance-lastlayer": (PresampleImportanceEstimator, {}),
     "importance-distributed": (
         ImportanceEstimator,
-        {"workers": 2, "backend": "local", "refresh": False, "block_size": 64, "sync_every": 4},
+        {"workers": 2, "backend": "local", "refresh": False, "block_size": 32, "sync_every": 4},
     ),
 }
 
@@ -844,12 +889,13 @@ def make_estimator(name: str, **kwargs: Any) -> GradientEstimator:
     name                      estimator
     ========================  ==================================================================
     importance                :class:`ImportanceEstimator`: stale dense-identity norms of the
-                              drawn examples, 10 % uniform mixing, τ switch at 1.2
+                              drawn examples and a sweep of b/2 per step, 10 % uniform
+                              mixing, τ switch at the cost model's 4/3
     importance-exact          the same with exact ``torch.func`` norms (any network)
     importance-lastlayer      :class:`PresampleImportanceEstimator`: Katharopoulos & Fleuret,
                               presample 3b scored by ‖softmax − onehot‖, τ_th = 2
     importance-distributed    :class:`ImportanceEstimator` fed only by 2 scoring workers
-                              (:mod:`probopt.distributed`, local mode: blocks of 64 scored in
+                              (:mod:`probopt.distributed`, local mode: blocks of 32 scored in
                               process at every step; ``backend="ray"`` for real workers)
     ========================  ==================================================================
 

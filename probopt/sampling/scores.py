@@ -196,6 +196,7 @@ class DenseNormCapture:
     """
 
     def __init__(self, model: nn.Module, params: ParamSpec = None, *, hooks: bool = True) -> None:
+        self.model = model
         self.names = select_parameters(model, params)
         self.covered, self.uncovered = dense_coverage(model, self.names)
         owners, _ = _linear_owners(model)

@@ -313,7 +313,7 @@ def test_estimator_mean_gradient_through_the_loop(refresh, one_thread):
 def test_refresh_writes_exact_norms_with_the_version():
     net, x, y = tiny(8)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    est = ImportanceEstimator()
+    est = ImportanceEstimator(sweep=0)
     est.setup(net, x, y)
     for index in est.epoch_batches(4, torch.Generator().manual_seed(0)):
         before = exact_grad_norms(net, ce, x, y)
@@ -326,6 +326,26 @@ def test_refresh_writes_exact_norms_with_the_version():
         fresh = est.table.versions == version
         assert set(torch.nonzero(fresh).flatten().tolist()) == set(index.tolist())
         torch.testing.assert_close(est.table.scores[fresh], before[fresh], rtol=1e-10, atol=0)
+
+
+def test_the_sweep_rescores_round_robin_at_the_new_parameters():
+    net, x, y = tiny(8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    est = ImportanceEstimator(sweep=3, refresh=False)  # without refresh it sweeps every step
+    est.setup(net, x, y)
+    blocks = []
+    for epoch in range(2):
+        for index in est.epoch_batches(4, torch.Generator().manual_seed(epoch)):
+            opt.zero_grad()
+            est.backward(net, ce, x[index], y[index], index)
+            opt.step()
+            est.after_step(net)
+            fresh = torch.nonzero(est.table.versions == est.version).flatten()
+            blocks.append(fresh.tolist())
+            ref = exact_grad_norms(net, ce, x[fresh], y[fresh])  # the parameters after the step
+            torch.testing.assert_close(est.table.scores[fresh], ref, rtol=1e-10, atol=0)
+    assert blocks == [[0, 1, 2], [3, 4, 5], [0, 6, 7], [1, 2, 3]]
+    assert est.tau_condition.threshold == pytest.approx(1 + 2 * 3 / (3 * 4))  # (2r + 3b)/(3b)
 
 
 def test_the_tau_switch():
@@ -364,6 +384,7 @@ def test_backward_needs_the_yielded_index():
         ({"backend": "mpi"}, "Invalid backend: 'mpi'"),
         ({"sync_every": 0}, "Invalid sync_every: 0"),
         ({"tau_threshold": -1.0}, "Invalid tau_threshold: -1.0"),
+        ({"sweep": -2}, "Invalid sweep: -2"),
     ],
 )
 def test_estimator_errors(kwargs, message):
