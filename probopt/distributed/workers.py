@@ -47,7 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from probopt._optional import require
-from probopt.sampling.scores import SCORE_METHODS, cross_entropy_per_example, score_examples
+from probopt.sampling.scores import (
+    SCORE_METHODS,
+    DenseNormCapture,
+    cross_entropy_per_example,
+    score_examples,
+)
 
 __all__ = ["ScoreBatch", "ScoringPool", "ScoringWorker", "shard_indices"]
 
@@ -138,6 +143,7 @@ class ScoringWorker:
         if not (self.indices.numel() == x.shape[0] == y.shape[0] > 0):
             raise ValueError("x, y and indices must have the same, non-zero length")
         self.cursor = int(start) % self.indices.numel()
+        self._capture: DenseNormCapture | None = None
 
     def set_params(self, state: Mapping[str, Tensor], version: int) -> int:
         """Load parameters ``state`` of version ``version``; returns the version."""
@@ -157,7 +163,12 @@ class ScoringWorker:
         lo = self.cursor
         hi = min(lo + self.block_size, self.indices.numel())
         self.cursor = hi % self.indices.numel()
-        scores = score_examples(self.model, self.loss_fn, self.x[lo:hi], self.y[lo:hi], self.method)
+        if self._capture is None and self.method in ("auto", "dense"):
+            self._capture = DenseNormCapture(self.model, hooks=False)
+        scores = score_examples(
+            self.model, self.loss_fn, self.x[lo:hi], self.y[lo:hi], self.method,
+            capture=self._capture,
+        )  # fmt: skip
         return ScoreBatch(
             self.indices[lo:hi].clone(), scores.detach().double(), self.version, self.worker
         )

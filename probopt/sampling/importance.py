@@ -195,20 +195,34 @@ def draw_probabilities(
         raise ValueError(f"Invalid scores: expected a non-empty (N,) vector, got {tuple(s.shape)}")
     c = _check_nonneg("smoothing", smoothing)
     lam = _check_unit("uniform_mix", uniform_mix)
-    known = ~torch.isnan(s)
-    if bool(torch.isinf(s).any()) or bool((s[known] < 0).any()):
-        k = int(torch.nonzero(torch.isinf(s) | (s < 0))[0])
+    bad = torch.isinf(s) | (s < 0)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0])
         raise ValueError(f"Invalid scores: example {k} has score {float(s[k])} (need >= 0)")
-    s[~known] = s[known].mean() if bool(known.any()) else 1.0
-    s = s + c
+    return _mix(_fill(s), c, lam)
+
+
+def _fill(s: Tensor) -> Tensor:
+    """NaN (never scored) -> mean of the known scores (1 when none is known); a new tensor."""
+    known = ~torch.isnan(s)
+    count = int(known.sum())
+    if count == s.numel():
+        return s.clone()
+    fill = float(torch.where(known, s, 0.0).sum()) / count if count else 1.0
+    return torch.where(known, s, fill)
+
+
+def _mix(s: Tensor, c: float, lam: float) -> Tensor:
+    r""":math:`(1-\lambda)(s + c)/\sum(s + c) + \lambda/N` for filled scores, checked > 0."""
     n = s.numel()
-    total = s.sum()
+    s = s + c
+    total = float(s.sum())
     base = s / total if total > 0 else torch.full_like(s, 1.0 / n)
-    q = (1.0 - lam) * base + lam / n
-    zero = torch.nonzero(q <= 0)
-    if zero.numel():
+    q = base.mul_(1.0 - lam).add_(lam / n)
+    if not bool((q > 0).all()):
+        k = int(torch.nonzero(q <= 0)[0])
         raise ValueError(
-            f"example {int(zero[0])} would have draw probability 0 (score 0 with smoothing = "
+            f"example {k} would have draw probability 0 (score 0 with smoothing = "
             f"uniform_mix = 0); set smoothing > 0 or uniform_mix > 0 to keep the estimator "
             f"unbiased for the whole population"
         )
@@ -239,6 +253,8 @@ class ScoreTable:
             raise ValueError(f"Invalid population_size: {population_size!r} (must be >= 1)")
         self.scores = torch.full((population_size,), math.nan, dtype=torch.float64)
         self.versions = torch.full((population_size,), -1, dtype=torch.int64)
+        self.revision = 0
+        """Incremented by every :meth:`update` that writes (for caches of derived values)."""
 
     @property
     def population_size(self) -> int:
@@ -251,14 +267,23 @@ class ScoreTable:
         s = torch.as_tensor(scores).detach().to("cpu", torch.float64).reshape(-1)
         if idx.shape != s.shape:
             raise ValueError(f"indices {tuple(idx.shape)} and scores {tuple(s.shape)} differ")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.population_size):
+        if idx.numel() == 0:
+            return 0
+        lo, hi = torch.aminmax(idx)
+        if int(lo) < 0 or int(hi) >= self.population_size:
             raise ValueError(f"indices outside [0, {self.population_size - 1}]")
-        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        if not bool(((s >= 0) & (s < math.inf)).all()):  # NaN fails s >= 0
             raise ValueError("scores must be finite and >= 0")
         keep = self.versions[idx] <= int(version)
-        self.scores[idx[keep]] = s[keep]
-        self.versions[idx[keep]] = int(version)
-        return int(keep.sum())
+        written = int(keep.sum())
+        if written == idx.numel():
+            self.scores[idx] = s
+            self.versions[idx] = int(version)
+        elif written:
+            self.scores[idx[keep]] = s[keep]
+            self.versions[idx[keep]] = int(version)
+        self.revision += written > 0
+        return written
 
     def coverage(self) -> float:
         """Share of examples scored at least once."""
@@ -293,16 +318,18 @@ def tau(scores: Tensor, probabilities: Tensor | None = None) -> float:
         >>> round(tau(torch.tensor([1.0, 1.0, 1.0, 5.0])), 4)  # sqrt(28/4) / 2
         1.3229
     """
-    s = torch.as_tensor(scores).detach().to("cpu", torch.float64).clone()
-    known = ~torch.isnan(s)
-    if bool(torch.isinf(s).any()) or bool((s[known] < 0).any()):
+    s = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    if bool((torch.isinf(s) | (s < 0)).any()):
         raise ValueError("Invalid scores: every score must be finite and >= 0 (or NaN)")
-    s[~known] = s[known].mean() if bool(known.any()) else 1.0
+    s = _fill(s)
     q = s / s.sum() if probabilities is None else torch.as_tensor(probabilities).double()
-    n = s.numel()
-    m_uniform = float(s.square().mean())
-    pos = s > 0
-    m_is = float((s[pos].square() / q[pos]).sum()) / n**2
+    return _tau(s, q)
+
+
+def _tau(s: Tensor, q: Tensor) -> float:
+    sq = s.square()
+    m_uniform = float(sq.mean())
+    m_is = float(torch.where(s > 0, sq / q, 0.0).sum()) / s.numel() ** 2
     return math.sqrt(m_uniform / m_is) if m_is > 0 else 1.0
 
 
@@ -501,7 +528,8 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         backend: ``"local"`` (in-process, no Ray) or ``"ray"`` for the workers.
         sync_every: publish the parameters to the workers every this many steps.
         block_size: examples per worker scoring block.
-        pool: a ready :class:`~probopt.distributed.ScoringPool` (overrides ``workers``, ...).
+        pool: a :class:`~probopt.distributed.ScoringPool` (overrides ``workers``, ...); started
+            at the first step unless it already is (then with this network at version 0).
         params: which parameters' gradient norms are the scores (default all trainable ones).
 
     Example:
@@ -573,6 +601,8 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self.tau_condition.value = 0.0
         self._data = (x, y)
         self._pending = None
+        self._cache: tuple[int, Tensor, Tensor] | None = None
+        self._sweep_capture: DenseNormCapture | None = None
         self._loss_fn: LossFn | None = None
         self._cursor = 0
         self.sweep_size = 0 if self.sweep is None else self.sweep
@@ -590,9 +620,19 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
 
     def probabilities(self) -> Tensor:
         """The importance design :math:`q` from the current table (whether or not it is on)."""
-        return draw_probabilities(
-            self.table.scores, smoothing=self.smoothing, uniform_mix=self.uniform_mix
-        )
+        return self._design()[1].clone()
+
+    def _design(self) -> tuple[Tensor, Tensor]:
+        """(filled scores, q), recomputed only when the table changed."""
+        cache = self._cache
+        if cache is None or cache[0] != self.table.revision:
+            s = _fill(self.table.scores)
+            cache = self._cache = (
+                self.table.revision,
+                s,
+                _mix(s, self.smoothing, self.uniform_mix),
+            )
+        return cache[1], cache[2]
 
     @property
     def active(self) -> bool:
@@ -613,7 +653,7 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
             self.tau_condition.threshold = tau_threshold(2 * self.sweep_size, batch_size)
         for _ in range(n // batch_size):
             if self.active:
-                q = self.probabilities()
+                q = self._design()[1]
             else:
                 q = torch.full((n,), 1.0 / n, dtype=torch.float64)
             index = torch.multinomial(q, batch_size, replacement=True, generator=generator)
@@ -678,8 +718,9 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
 
     def _start_pool(self, model: nn.Module, loss_fn: LossFn) -> None:
         if self.pool is not None and not self._pool_started:
-            x, y = self._data
-            self.pool.start(model, x, y, loss_fn=loss_fn, version=self.version)
+            if not self.pool.started:  # a pool given already started is used as it is
+                x, y = self._data
+                self.pool.start(model, x, y, loss_fn=loss_fn, version=self.version)
             self._pool_started = True
 
     def after_step(self, model: nn.Module) -> None:
@@ -691,8 +732,8 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
                 self.table.update(batch.indices, batch.scores, batch.version)
         if self.sweep_size and self._loss_fn is not None and (self.active or not self.refresh):
             self._sweep(model)
-        q = self.probabilities()
-        self.tau_condition.update(tau(self.table.scores, q))
+        s, q = self._design()
+        self.tau_condition.update(_tau(s, q))
 
     def _sweep(self, model: nn.Module) -> None:
         n, lo = self.population_size, self._cursor
@@ -700,7 +741,12 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self._cursor = int(block[-1] + 1) % n
         x, y = self._data
         bd = block.to(x.device)
-        scores = score_examples(model, self._loss_fn, x[bd], y[bd], self.score, params=self.params)
+        cap = self._sweep_capture
+        if self.score in ("auto", "dense") and (cap is None or cap.model is not model):
+            cap = self._sweep_capture = DenseNormCapture(model, self.params, hooks=False)
+        scores = score_examples(
+            model, self._loss_fn, x[bd], y[bd], self.score, params=self.params, capture=cap
+        )
         self.table.update(block, scores, self.version)
 
     def weight_diagnostics(

@@ -449,6 +449,7 @@ def score_examples(
     *,
     params: ParamSpec = None,
     chunk: int = 256,
+    capture: DenseNormCapture | None = None,
 ) -> Tensor:
     r"""Importance scores of a batch (no side effect on ``.grad``).
 
@@ -463,6 +464,8 @@ def score_examples(
         params: the parameters whose gradient norm is scored (``"dense"``, ``"auto"``,
             ``"exact"``); default all trainable ones.
         chunk: examples per ``torch.func`` call (``"exact"`` and the exact part of ``"auto"``).
+        capture: a ``DenseNormCapture(model, params, hooks=False)`` to reuse across calls (saves
+            walking the modules at every call); built here when ``None``.
 
     Returns:
         ``(B,)`` non-negative scores, in the dtype of the model's output.
@@ -485,7 +488,9 @@ def score_examples(
         return last_layer_norms(model, loss_fn, x, y)
     if method == "exact":
         return exact_grad_norms(model, loss, x, y, params=params, chunk=chunk)
-    cap = DenseNormCapture(model, params, hooks=False)
+    cap = capture if capture is not None else DenseNormCapture(model, params, hooks=False)
+    if cap.model is not model or cap._hooks:
+        raise ValueError("capture must be DenseNormCapture(model, params, hooks=False)")
     if method == "dense" and cap.uncovered:
         raise ValueError(
             f"the dense identity does not cover {cap.uncovered} (not nn.Linear, or tied); "
