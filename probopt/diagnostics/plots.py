@@ -216,23 +216,32 @@ def _running_geomean(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_estimator_variance(dt: Any, *, window: int = 10) -> Any:
     r"""Estimated design variance of the estimator's gradient against the plain minibatch mean's
-    on the same batches, over training; below, their ratio (< 1: the estimator is better).
+    on the same batches, over training; below, their ratio (< 1: the estimator is better). For
+    the plain mean itself (both series equal) one panel.
 
-    Dots are single batches; lines their running geometric mean over ``window`` records.
+    Dots are single batches; lines their running geometric mean over ``window`` records (the
+    per-batch estimates are heavy-tailed: a few badly fitted examples dominate a batch).
     """
     ds = _group(dt, "estimator", "plot_estimator_variance")
     step = ds["step"].values
     est, uni = ds["variance"].values, ds["uniform_variance"].values
-    fig, axes = _figure(2, 1, height=2.6)
+    same = bool(np.array_equal(est, uni, equal_nan=True))  # the plain mean itself
+    fig, axes = _figure(1 if same else 2, 1, height=2.6)
     ax = axes[0, 0]
     name = ds.attrs.get("name") or ds.attrs.get("estimator", "estimator")
-    for values, label, color in ((uni, "uniform (plain mean)", "C7"), (est, name, "C1")):
+    series = [(uni, "plain minibatch mean (SRSWOR)", "C7")]
+    if not same:
+        series.append((est, name, "C1"))
+    for values, label, color in series:
         ax.plot(step, values, ".", ms=3, color=color, alpha=0.5)
         ax.plot(step, _running_geomean(values, window), color=color, lw=1.4, label=label)
     ax.set_yscale("log")
     ax.set_ylabel(r"tr $\hat V$ (gradient)")
     ax.legend(fontsize=7)
     ax.set_title("Design variance of the minibatch gradient", fontsize=10)
+    if same:
+        ax.set_xlabel("step")
+        return fig
     ax = axes[1, 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = est / uni
