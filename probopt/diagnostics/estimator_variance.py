@@ -12,20 +12,24 @@ variances on *the same batch*:
   (:func:`~probopt.sampling.srs_variance`);
 * ``variance``: the estimator's own, by an adapter per estimator class (:data:`ADAPTERS`):
 
-=====================================  =============================================================
-estimator                              variance estimator (all under SRSWOR, :math:`\pi_k = n/N`)
-=====================================  =============================================================
-uniform (the base class)               ``uniform_variance``
-:class:`~probopt.sampling.GREGEstimator`  :func:`~probopt.sampling.greg_variance` with the batch's
-                                       :math:`h_k`, :math:`\bar h_U` and ridge (g-weighted
-                                       residuals; with ``clip`` set this ignores the clipping)
-:class:`~probopt.sampling.DifferenceEstimator`  :math:`\frac{1-f}{n}\operatorname{tr} s_e^2` of the
-                                       residuals :math:`e_k = y_k - \hat B^\top h_k` with the
-                                       :math:`\hat B` the estimator used (before its refit);
-                                       uncorrected parameters keep :math:`e_k = y_k`
-                                       (:func:`~probopt.sampling.difference_variance` under SRS)
-other                                  NaN (register an adapter)
-=====================================  =============================================================
+  - uniform (:class:`~probopt.sampling.GradientEstimator` itself): ``uniform_variance``;
+  - :class:`~probopt.sampling.GREGEstimator`: :func:`~probopt.sampling.greg_variance` with the
+    batch's :math:`h_k`, :math:`\bar h_U` and ridge (g-weighted residuals; with ``clip`` set it
+    ignores the clipping);
+  - :class:`~probopt.sampling.DifferenceEstimator`: :math:`\frac{1-f}{n}\operatorname{tr}
+    s_e^2` of the residuals :math:`e_k = y_k - \hat B^\top h_k` with the :math:`\hat B` the
+    estimator used (before its refit); uncorrected parameters keep :math:`e_k = y_k`
+    (:func:`~probopt.sampling.difference_variance` under SRS);
+  - :class:`~probopt.sampling.CachedGradientEstimator`: the same with :math:`e_k = y_k -
+    \beta_L \tilde g_k`, the cached last-visit gradients and the layer coefficients as they
+    were before the backward;
+  - :class:`~probopt.sampling.importance.ImportanceEstimator` (PPS with replacement):
+    :func:`~probopt.sampling.hansen_hurwitz_variance`, and as the uniform baseline
+    :func:`hansen_hurwitz_uniform_variance` (the plain mean's SRSWOR variance, estimated
+    without bias from the PPS draws); batch and design importance-weight diagnostics;
+  - :class:`~probopt.sampling.importance.PresampleImportanceEstimator` (a two-stage design):
+    NaN for both variances; the weights are recorded;
+  - any other class: NaN (register a :class:`VarianceAdapter` in :data:`ADAPTERS`).
 
 Their ratio is the estimated variance gain of the estimator on that batch. The auxiliary rows
 :math:`h_k`, :math:`\bar h_U` and :math:`\hat B` are read *before* the estimator's backward,
@@ -158,6 +162,49 @@ class _Difference(VarianceAdapter):
         return _srs(resid, est.population_size)
 
 
+class _Cached(VarianceAdapter):
+    """:class:`~probopt.sampling.CachedGradientEstimator`: the difference estimator whose
+    prediction is :math:`\beta_L \tilde g_k`, each example's cached last-visit gradient of a
+    dense layer times the layer's coefficient (both read before the backward, which updates
+    them)."""
+
+    def before(
+        self, est: Any, model: nn.Module, x: Tensor, y: Tensor, index: Tensor
+    ) -> dict[str, Any]:
+        modules = dict(model.named_modules())
+        chosen = set(est.params)
+        layers = {}
+        for lname, coef in est.coef.items():
+            a, d = est.table.rows(lname, index)
+            prefix = f"{lname}." if lname else ""
+            layers[lname] = {
+                "a": a.detach().clone(),
+                "d": d.detach().clone(),
+                "coef": float(coef),
+                "weight": f"{prefix}weight" if f"{prefix}weight" in chosen else None,
+                "bias": (f"{prefix}bias" if modules[lname].bias is not None
+                         and f"{prefix}bias" in chosen else None),
+            }  # fmt: skip
+        return {"layers": layers}
+
+    def variance(
+        self, est: Any, ctx: dict[str, Any], grads: Tensor, blocks: list[tuple[str, int]]
+    ) -> float:
+        preds: dict[str, Tensor] = {}
+        for layer in ctx["layers"].values():
+            a, d, coef = layer["a"].double(), layer["d"].double(), layer["coef"]
+            if layer["weight"] is not None:  # g~_k = delta~_k a~_k^T, row-major (out, in)
+                preds[layer["weight"]] = coef * (d[:, :, None] * a[:, None, :]).flatten(1)
+            if layer["bias"] is not None:
+                preds[layer["bias"]] = coef * d
+        resid, start = grads.double().clone(), 0
+        for name, width in blocks:
+            if name in preds:
+                resid[:, start : start + width] -= preds[name]
+            start += width
+        return _srs(resid, est.population_size)
+
+
 def hansen_hurwitz_uniform_variance(grads: Tensor, weights: Tensor, population_size: int) -> float:
     r"""Unbiased estimate, from a with-replacement PPS sample, of the variance (trace) the plain
     minibatch mean would have under SRSWOR of the same size.
@@ -251,7 +298,7 @@ ADAPTERS: dict[type, VarianceAdapter] = {}
 
 def _adapter_for(est: Any) -> VarianceAdapter:
     if not ADAPTERS:
-        from probopt.sampling import DifferenceEstimator, GREGEstimator
+        from probopt.sampling import CachedGradientEstimator, DifferenceEstimator, GREGEstimator
         from probopt.sampling.gradient_estimator import GradientEstimator, UniformEstimator
 
         ADAPTERS.update(
@@ -260,6 +307,7 @@ def _adapter_for(est: Any) -> VarianceAdapter:
                 UniformEstimator: VarianceAdapter(),
                 GREGEstimator: _GREG(),
                 DifferenceEstimator: _Difference(),
+                CachedGradientEstimator: _Cached(),
             }
         )
         try:

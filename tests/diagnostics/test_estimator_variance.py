@@ -222,3 +222,41 @@ def test_importance_estimator_records_weights_and_design_diagnostics():
     assert imp["active"].values.tolist()[1:] == [1, 1, 1]  # importance sampling switched on
     assert np.all((imp["design_ess"].values > 0) & (imp["design_ess"].values <= 1))
     assert np.isfinite(imp["design_khat"].values).all()
+
+
+def test_cached_gradient_estimator_variance_by_enumeration():
+    # Fill the table with one pass, fix beta_L; then every sample starts from that same state
+    # (a deep copy: the backward overwrites the batch's rows). Mean of the estimates = exact
+    # design variance of the realized gradients = (1 - f)/n S_e^2, e_k = g_k - beta g~_k.
+    import copy
+
+    from probopt.sampling import CachedGradientEstimator
+
+    est0 = CachedGradientEstimator(coef=0.7)
+    net, opt, x, y = _setup(est0)
+    for idx in (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])):
+        opt.zero_grad()
+        est0.backward(net, _loss, x[idx], y[idx], idx)
+    est0.__dict__.pop("_capture_cache", None)  # holds the model; not part of the state
+    realized, estimates = [], []
+    for sample in itertools.combinations(range(N), n):
+        idx = torch.tensor(sample)
+        est = copy.deepcopy(est0)
+        rec = Recorder(opt, model=net, estimator=est, coordinates=0)
+        opt.zero_grad()
+        est.backward(net, _loss, x[idx], y[idx], idx)
+        realized.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        opt.step()
+        estimates.append(float(to_datatree(rec)["estimator"]["variance"][0]))
+        rec.close()
+    realized = torch.stack(realized)
+    pop = per_example_grads(net, _loss, x, y, flat=True)
+    cached = []  # the table's per-example gradients, in the parameters' flat layout
+    for lname in ("0", "2"):
+        a, d = est0.table.rows(lname, torch.arange(N))
+        cached += [(d[:, :, None] * a[:, None, :]).flatten(1), d]
+    resid = pop - 0.7 * torch.cat(cached, 1)
+    exact = float(srs_design_variance(resid, n, trace=True))
+    realized_var = float(((realized - realized.mean(0)) ** 2).sum(1).mean())
+    assert np.mean(estimates) == pytest.approx(exact, rel=1e-10)
+    assert realized_var == pytest.approx(exact, rel=1e-10)
