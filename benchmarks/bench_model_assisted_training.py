@@ -93,11 +93,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--optimizers", default="adamw,sgdm")
-    ap.add_argument("--batch-sizes", default="16,64")
+    ap.add_argument("--batch-sizes", default="64")
     ap.add_argument(
         "--estimators",
         nargs="+",
-        default=["difference-cached", "difference-lastlayer", "greg-onehot"],
+        default=["difference-cached"],
         help="registry names, each optionally with overrides: 'name:key=value;key=value'",
     )
     ap.add_argument("--seeds", type=int, default=3)
