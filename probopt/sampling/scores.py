@@ -303,10 +303,8 @@ class DenseNormCapture:
         missing = [n for n in self.covered if n in bad]
         sq = sum((self._sq[n] for n in good), self._ref.new_zeros(self._batch))
         if isinstance(weights, Tensor):
-            w = weights.to(sq).reshape(-1)
-        else:
-            w = torch.as_tensor(float(weights), dtype=sq.dtype, device=sq.device)
-        return sq / w.square(), missing
+            return sq / weights.to(sq).reshape(-1).square(), missing
+        return sq * (1.0 / float(weights) ** 2), missing
 
     def norms(self, weights: float | Tensor = 1.0) -> Tensor:
         r""":math:`\lVert g_k \rVert` over the covered parameters; raises if any is missing."""
