@@ -23,6 +23,7 @@ go to the "importance-variance" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ CONFIGS = {
 
 
 def population_state(net, x, y, chunk=1000):
-    """Fresh norms of every example, the KF bound, and ||mu||^2 of the full gradient."""
+    """Fresh norms of every example, the KF bound, and ||mu||^2 of the full gradient, computed
+    in float64 on a copy of the network (float32 softmax saturates to exact one-hots)."""
+    net, x = copy.deepcopy(net).double(), x.double()
     norms = torch.cat([score_examples(net, ce, x[s : s + chunk], y[s : s + chunk], "dense")
                        for s in range(0, len(x), chunk)])  # fmt: skip
     bound = score_examples(net, ce, x, y, "logits")
@@ -60,6 +63,15 @@ def population_state(net, x, y, chunk=1000):
     mu2 = sum(float(p.grad.double().square().sum()) for p in net.parameters())
     net.zero_grad()
     return norms.double(), bound.double(), mu2
+
+
+def stale_design(norms, scores, lam, mu2):
+    """Tr of the stale design mixed with lam; NaN when it would leave an example undrawable."""
+    try:
+        q = draw_probabilities(scores, uniform_mix=lam)
+    except ValueError:  # a stored score is exactly 0 and lam = 0
+        return float("nan")
+    return trace_variances(norms, q, mu2).design
 
 
 def run(dataset, config, args):
@@ -84,12 +96,8 @@ def run(dataset, config, args):
             continue
         norms, bound, mu2 = population_state(net, x, y)
         tv = trace_variances(norms, None, mu2)
-        stale = {
-            lam: trace_variances(norms, draw_probabilities(est.table.scores, uniform_mix=lam),
-                                 mu2).design
-            for lam in MIXES
-        }  # fmt: skip
-        kf = trace_variances(norms, draw_probabilities(bound, uniform_mix=0.0), mu2).design
+        stale = {lam: stale_design(norms, est.table.scores, lam, mu2) for lam in MIXES}
+        kf = stale_design(norms, bound, 0.0, mu2)
         diag = est.weight_diagnostics(4000, torch.Generator().manual_seed(epoch), warn=False)
         with torch.no_grad():
             acc = float((net(ds.x_test).argmax(1) == ds.y_test).float().mean())
@@ -169,7 +177,9 @@ def main(argv=None):
         f"computed; *ESS*, *k̂*: Kish ESS share and PSIS Pareto k̂ of 4000 weights 1/(Nq) from "
         f"the λ = 0.1 design; *IS share*: share of the epoch's steps that used importance "
         f"sampling. Exact design variances from all per-example norms (no Monte Carlo); "
-        f"Tr Σ = Σ‖g_k‖²/(N²q_k) − ‖μ‖².\n\n"
+        f"Tr Σ = Σ‖g_k‖²/(N²q_k) − ‖μ‖² (fresh norms and μ in float64). *nan* under λ = 0: a "
+        f"stored norm is exactly 0 (float32 underflow in training), so that design would never "
+        f"draw the example and is not defined.\n\n"
         + markdown_table(
             [
                 "dataset",
