@@ -28,6 +28,17 @@ from probopt.sampling.estimators import (
     horvitz_thompson,
     horvitz_thompson_weights,
 )
+from probopt.sampling.importance import (
+    ImportanceEstimator,
+    PresampleImportanceEstimator,
+    ScoreTable,
+    diagnose_weights,
+    draw_probabilities,
+    kish_ess,
+    pareto_khat,
+    tau,
+    trace_variances,
+)
 from probopt.sampling.model_assisted import (
     ESTIMATOR_NAMES,
     CachedGradientEstimator,
@@ -41,6 +52,11 @@ from probopt.sampling.per_example import (
     grad_norms,
     last_layer_grads,
     per_example_grads,
+)
+from probopt.sampling.scores import (
+    DenseNormCapture,
+    exact_grad_norms,
+    score_examples,
 )
 from probopt.sampling.variance import (
     design_variance,
@@ -71,6 +87,19 @@ __all__ = [
     "GREGEstimator",
     "make_estimator",
     "train_epoch",
+    # importance sampling (probopt.sampling.importance) and its scores (probopt.sampling.scores)
+    "ImportanceEstimator",
+    "PresampleImportanceEstimator",
+    "ScoreTable",
+    "diagnose_weights",
+    "draw_probabilities",
+    "kish_ess",
+    "pareto_khat",
+    "tau",
+    "trace_variances",
+    "DenseNormCapture",
+    "exact_grad_norms",
+    "score_examples",
     # per-example gradients (probopt.sampling.per_example)
     "LinearGradCapture",
     "grad_norms",
