@@ -2,9 +2,16 @@
 
 The notebooks are committed with their outputs (built by ``docs/notebooks/_build.py``); this test
 re-runs each one with nbclient in the interpreter running the tests and checks that no cell
-fails and that the whole notebook takes less than 2 minutes (the budget on 2 CPU cores).
+fails and that the notebook fits its budget of 2 minutes on 2 CPU cores.
+
+The budget is checked on the kernel's CPU time (user + system, kernel start and imports
+included), which bounds the wall time the notebook needs on an idle 2-core machine whatever
+else is running, and on the wall time itself unless the machine was oversubscribed during the
+run (1-minute load average above the core count): on a shared machine wall time measures the
+neighbours.
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -59,8 +66,13 @@ def test_the_four_notebooks_exist():
 def test_notebook_runs_top_to_bottom_within_budget(path):
     nb = nbformat.read(path, as_version=4)
     committed = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs for c in committed if c.source.strip()), "commit the executed notebook"
-    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    # committed executed: every code cell ran in order, so the outputs read on GitHub
+    counts = [c.execution_count for c in committed]
+    assert counts == list(range(1, len(committed) + 1)), "commit the executed notebook"
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import resource, sys; r = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(sys.executable); print(r.ru_utime + r.ru_stime)"
+    ))  # fmt: skip
     client = nbclient.NotebookClient(nb, timeout=int(BUDGET_S), kernel_name=_kernel_name(),
                                      resources={"metadata": {"path": str(FOLDER)}})  # fmt: skip
     start = time.perf_counter()
@@ -69,6 +81,9 @@ def test_notebook_runs_top_to_bottom_within_budget(path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]  # fmt: skip
     assert not errors
+    executable, cpu = nb.cells[-1].outputs[0].text.split()
     if _kernel_name() == "python3":  # the kernel ran in this interpreter (this venv)
-        assert nb.cells[-1].outputs[0].text.strip() == sys.executable
-    assert seconds < BUDGET_S, f"{path.name} took {seconds:.0f} s (budget {BUDGET_S:.0f} s)"
+        assert executable == sys.executable
+    assert float(cpu) < BUDGET_S, f"{path.name}: kernel CPU time {float(cpu):.0f} s"
+    if os.getloadavg()[0] <= (os.cpu_count() or 1):
+        assert seconds < BUDGET_S, f"{path.name} took {seconds:.0f} s (budget {BUDGET_S:.0f} s)"
