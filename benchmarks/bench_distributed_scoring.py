@@ -42,6 +42,23 @@ from probopt.sampling.importance import ImportanceEstimator  # noqa: E402
 from probopt.sampling.scores import cross_entropy_per_example as ce  # noqa: E402
 
 
+class TimedPool(ScoringPool):
+    """Counts the trainer's seconds spent talking to the workers (poll and publish)."""
+
+    seconds = 0.0
+
+    def poll(self):
+        t0 = time.perf_counter()
+        out = super().poll()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def publish(self, model, version):
+        t0 = time.perf_counter()
+        super().publish(model, version)
+        self.seconds += time.perf_counter() - t0
+
+
 def make_config(name, net, x, y, args):
     """(estimator, pool or None) for a configuration name."""
     if name == "uniform":
@@ -50,7 +67,7 @@ def make_config(name, net, x, y, args):
         return ImportanceEstimator(uniform_mix=args.mix), None
     k = int(name.split(",")[1].split()[0])
     backend = "ray" if "Ray" in name else "local"
-    pool = ScoringPool(k, backend=backend, block_size=args.block_size)
+    pool = TimedPool(k, backend=backend, block_size=args.block_size)
     pool.start(net, x, y, version=0)
     if backend == "ray":  # actors up (torch imported) before the clock starts
         seen = set()
@@ -89,9 +106,11 @@ def run(name, ds, args):
             if clock >= args.budget:
                 break
     active = getattr(est, "active", False)
+    comm = None
     if pool is not None:
+        comm = pool.seconds / steps
         pool.close()
-    return curve, active
+    return curve, active, comm
 
 
 def loss_at(curve, t):
@@ -107,8 +126,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="passes over the configurations")
     ap.add_argument("--eval-every", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--sync-every", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--sync-every", type=int, default=32)
     ap.add_argument("--hidden", default="256,256")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--mix", type=float, default=0.1)
@@ -131,18 +150,21 @@ def main(argv=None):
     t_start = time.perf_counter()
     results = {}
     for r, name in [(r, c) for r in range(1, args.rounds + 1) for c in configs]:
-        curve, active = run(name, ds, args)
-        results[(r, name)] = (curve, active)
+        curve, active, comm = run(name, ds, args)
+        results[(r, name)] = (curve, active, comm)
         last = curve[-1]
         print(f"round {r} {name}: {last[1]} steps in {last[0]:.1f} s, loss {last[2]:.4f}, "
               f"acc {last[4]:.3f}, age {last[5]}", flush=True)  # fmt: skip
     elapsed = time.perf_counter() - t_start
     marks = [t for t in (5, 10, 20, 30, 40, 80) if t <= args.budget]
     rows = []
-    for (r, name), (curve, active) in results.items():
+    for (r, name), (curve, active, comm) in results.items():
         base = results.get((r, "uniform"))
+        is0 = results.get((r, "IS, 0 workers"))
         last = curve[-1]
-        row = [r, name, f"{last[1] / last[0]:.1f}"]
+        rate = last[1] / last[0]
+        rel = "" if is0 is None else f"{rate / (is0[0][-1][1] / is0[0][-1][0]):.2f}"
+        row = [r, name, f"{rate:.1f}", rel, "" if comm is None else f"{comm * 1e3:.2f}"]
         row += [f"{loss_at(curve, t):.4f}" for t in marks]
         row += [f"{last[4]:.3f}", "" if last[5] is None else f"{last[5]:.0f}",
                 "yes" if active else "no"]  # fmt: skip
@@ -162,7 +184,10 @@ def main(argv=None):
         f"were not made). Importance sampling: λ = {args.mix} uniform mixing; workers score "
         f"blocks of {args.block_size} with parameters republished every {args.sync_every} "
         f"steps, at most 2 blocks queued per actor. *steps/s*: training steps per second of "
-        f"training time; *age*: mean steps since each score was computed, at the end; *IS on*: "
+        f"training time; *× IS-0*: that rate over the rate of IS with 0 workers in the same "
+        f"round; *pool ms/step*: trainer time spent polling and publishing to the workers per "
+        f"step (local workers: includes their scoring); *age*: mean steps since each score "
+        f"was computed, at the end; *IS on*: "
         f"whether the τ switch had importance sampling on at the end; *reaches uniform*: "
         f"training time at which the configuration first reached the final loss of uniform "
         f"in the same round. The configurations run one after the other ({args.budget:.0f} s "
@@ -173,6 +198,8 @@ def main(argv=None):
                 "round",
                 "configuration",
                 "steps/s",
+                "× IS-0",
+                "pool ms/step",
                 *[f"loss @{t}s" for t in marks],
                 "test acc",
                 "age",

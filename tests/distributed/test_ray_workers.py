@@ -86,10 +86,14 @@ def test_actors_score_every_example_exactly(ray_cluster):
 
 @pytest.mark.slow  # its own actors (~10 s); the killed-worker test also bounds every poll
 def test_polls_do_not_wait_for_slow_workers(ray_cluster):
-    net, x, y = problem(n=4000)
-    # one block = a whole shard scored with torch.func: seconds per block
-    pool = RecordingPool(2, backend="ray", method="exact", block_size=2000)
-    pool.start(net, x, y, version=0)
+    net, x, y = problem()
+
+    def slow_loss(out, t):  # a block takes at least 0.5 s to score
+        time.sleep(0.5)
+        return ce(out, t)
+
+    pool = RecordingPool(2, backend="ray", block_size=16)
+    pool.start(net, x, y, loss_fn=slow_loss, version=0)
     while not pool.poll():  # the actors are up once the first blocks arrive
         time.sleep(0.05)
     empty, deadline = 0, time.monotonic() + 1.0
