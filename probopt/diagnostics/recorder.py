@@ -59,9 +59,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -106,22 +106,23 @@ class PosteriorReader:
     """Reads the posterior of the true gradient of one parameter around one optimizer step.
 
     ``before`` runs in the step pre-hook, ``after`` in the post-hook; both return dicts of
-    tensors shaped like the parameter, keyed by names of :data:`QUANTITIES` (missing keys are
-    recorded as NaN). ``after`` returns None when the optimizer did not step this parameter
-    (no gradient, or a step skipped by the non-finite policy). The base class reads only the
-    observed gradient: it serves any optimizer.
+    tensors shaped like the parameter (views are fine: the recorder summarises each dict as soon
+    as it gets it), keyed by names of :data:`QUANTITIES`; keys starting with ``_`` are private
+    to the reader (``after`` receives the ``before`` dict). Quantities from ``after`` override
+    those from ``before``; missing ones are recorded as NaN. ``after`` returns None when the
+    optimizer did not step this parameter (a step skipped by the non-finite policy). The base
+    class reads only the observed gradient: it serves any optimizer.
     """
 
     def before(self, opt: torch.optim.Optimizer, p: Tensor, group: dict) -> dict[str, Any]:
         g = p.grad.detach()
-        if group.get("maximize", False):
-            g = -g
-        return {"observed": g.clone(), "_step": _state_step(opt, p)}
+        return {"observed": -g if group.get("maximize", False) else g,
+                "_step": _state_step(opt, p)}  # fmt: skip
 
     def after(
         self, opt: torch.optim.Optimizer, p: Tensor, group: dict, pre: dict[str, Any]
     ) -> dict[str, Tensor] | None:
-        return {"observed": pre["observed"]}  # no step counter to check in general
+        return {}  # no step counter to check in general
 
     def draws(
         self,
@@ -150,7 +151,34 @@ def _stepped(opt: torch.optim.Optimizer, p: Tensor, pre: dict[str, Any]) -> bool
     return bool(state) and "step" in state and float(state["step"]) != pre["_step"]
 
 
+class _Summarised(NamedTuple):
+    """A quantity a reader has already reduced: the tensor summary and a function giving the
+    values at flat indices (lets a reader avoid materialising a whole tensor)."""
+
+    summary: float
+    at: Callable[[Tensor], Tensor]
+
+
 class _VSGDReader(PosteriorReader):
+    """VSGD: beta_t and sigma_t^2 from the rates before the step, in reusable scratch buffers.
+
+    Note [probopt: recorder scratch] On CPU a freshly allocated temporary costs more than the
+    arithmetic (first-touch page faults; Note [probopt: CPU blocking] in probopt.optim.vsgd), so
+    the reader keeps three buffers the size of the largest recorded tensor and works in place.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _buffers(self, like: Tensor) -> list[Tensor]:
+        key = (like.device, like.dtype)
+        n = like.numel()
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape[1] < n:
+            buf = torch.empty(3, n, device=like.device, dtype=like.dtype)
+            self._scratch[key] = buf
+        return [buf[i, :n].view_as(like) for i in range(3)]
+
     def before(self, opt: torch.optim.Optimizer, p: Tensor, group: dict) -> dict[str, Any]:
         from probopt.optim.vsgd import _first_step_variances, _shape
 
@@ -160,29 +188,37 @@ class _VSGDReader(PosteriorReader):
         if out["_step"] == 0.0:
             v_g, v_ghat = _first_step_variances(gamma, k_g)
             ones = torch.ones_like(out["observed"])
-            v_g, v_ghat = ones * v_g, ones * v_ghat
-        else:
-            a = _shape(gamma)
-            v_g, v_ghat = state["b_g"] / a, state["b_ghat"] / a
-        total = v_g + v_ghat
-        out["beta"] = v_ghat / total
-        out["variance"] = v_g * v_ghat / total
+            out["beta"] = ones * (v_ghat / (v_g + v_ghat))
+            out["variance"] = ones * (v_g * v_ghat / (v_g + v_ghat))
+            return out
+        a = _shape(gamma)
+        v_g, v_ghat, x = self._buffers(state["b_g"])
+        torch.div(state["b_g"], a, out=v_g)
+        torch.div(state["b_ghat"], a, out=v_ghat)
+        torch.add(v_g, v_ghat, out=x)  # x = v_g + v_ghat
+        # the reference's arithmetic, bit for bit: sigma^2 = (v_g v_ghat) / x, beta = v_ghat / x
+        out["variance"] = v_g.mul_(v_ghat).div_(x)
+        out["beta"] = v_ghat.div_(x)
         return out
 
     def after(
         self, opt: torch.optim.Optimizer, p: Tensor, group: dict, pre: dict[str, Any]
-    ) -> dict[str, Tensor] | None:
+    ) -> dict[str, Any] | None:
         if not _stepped(opt, p, pre):
             return None
-        precision_g, precision_ghat = opt.precisions(p)
-        return {
-            "observed": pre["observed"],
-            "mean": opt.state[p]["mu"].detach().clone(),
-            "variance": pre["variance"],
-            "beta": pre["beta"],
-            "precision_g": precision_g,
-            "precision_ghat": precision_ghat,
-        }
+        from probopt.optim.vsgd import _shape
+
+        state = opt.state[p]
+        a = _shape(group["prior_strength"])
+        out: dict[str, Any] = {"mean": state["mu"].detach()}
+        log_b = self._buffers(state["b_g"])[0]
+        for name, key in (("precision_g", "b_g"), ("precision_ghat", "b_ghat")):
+            b = state[key]
+            torch.log(b, out=log_b)  # E[w] = a / b: geometric mean a exp(-mean log b)
+            flat = b.reshape(-1)
+            out[name] = _Summarised(a * math.exp(-float(log_b.mean())),
+                                    lambda i, flat=flat: a / flat[i])  # fmt: skip
+        return out
 
 
 class _ConstantVSGDReader(PosteriorReader):
@@ -192,14 +228,13 @@ class _ConstantVSGDReader(PosteriorReader):
         if not _stepped(opt, p, pre):
             return None
         k_g, s2 = group["variance_ratio"], group["prior_variance"]
-        mu = opt.state[p]["mu"].detach().clone()
+        mu = opt.state[p]["mu"].detach()
         beta = k_g / (1.0 + k_g)
 
         def const(v: float) -> Tensor:
             return torch.full_like(mu, v)
 
         return {
-            "observed": pre["observed"],
             "mean": mu,
             "variance": const(beta * s2),
             "beta": const(beta),
@@ -213,7 +248,8 @@ class _GradientModelReader(PosteriorReader):
         out = super().before(opt, p, group)
         state = opt.state.get(p)
         prev = state["prev_mean"] if state else torch.zeros(p.numel(), dtype=p.dtype)
-        out["_prev"] = prev.detach().clone()
+        out["_prev"] = prev.detach().clone()  # replaced by the step
+        out["_observed"] = out["observed"].clone()
         return out
 
     def after(
@@ -222,17 +258,12 @@ class _GradientModelReader(PosteriorReader):
         if not _stepped(opt, p, pre):
             return None
         mean, variance = opt.posterior(p)
-        g = pre["observed"]
+        g = pre["_observed"]
         prev = pre["_prev"].view_as(g).to(g.dtype)
         innovation = g - prev
         # implied momentum: mu_t = beta mu_{t-1} + (1 - beta) g_hat
         beta = torch.where(innovation != 0, (g - mean) / innovation, torch.full_like(g, math.nan))
-        return {
-            "observed": g,
-            "mean": mean.detach().clone(),
-            "variance": variance.detach().clone(),
-            "beta": beta,
-        }
+        return {"mean": mean.detach(), "variance": variance.detach(), "beta": beta}
 
     def draws(
         self,
@@ -247,7 +278,7 @@ class _GradientModelReader(PosteriorReader):
         from pyro import poutine
 
         state = opt.state[p]
-        g_hat = pre["observed"].reshape(-1)
+        g_hat = pre["_observed"].reshape(-1)
         prev = pre["_prev"].reshape(-1)
         store = pyro.get_param_store()
         with torch.random.fork_rng(devices=[]):
@@ -555,7 +586,9 @@ class Recorder:
                 if t.param.grad is None:
                     continue
                 group = self._group_of[id(t.param)]
-                pending[id(t.param)] = self._reader.before(opt, t.param, group)
+                pre = self._reader.before(opt, t.param, group)
+                private = {k: v for k, v in pre.items() if k.startswith("_")}
+                pending[id(t.param)] = (private, _summarise(pre, t.index))
         self._pending = pending
 
     def _post_hook(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -571,19 +604,19 @@ class Recorder:
         any_stepped = False
         with torch.no_grad():
             for j, t in enumerate(self._tracked):
-                pre = pending.get(id(t.param))
+                entry = pending.get(id(t.param))
                 post = None
-                if pre is not None:
+                if entry is not None:
                     group = self._group_of[id(t.param)]
-                    post = self._reader.after(opt, t.param, group, pre)
+                    post = self._reader.after(opt, t.param, group, entry[0])
                 if post is None:
                     draws.append(None)
                     continue
                 any_stepped = True
-                layers[:, j], coords[j] = _summarise(post, t.index)
+                layers[:, j], coords[j] = _merge(entry[1], _summarise(post, t.index))
                 if self._draws is not None and self._draws.wants(step):
                     d = self._reader.draws(
-                        opt, t.param, pre, self.draw_shape, t.index, self.seed + step
+                        opt, t.param, entry[0], self.draw_shape, t.index, self.seed + step
                     )
                     draws.append(None if d is None else d.double().cpu().numpy())
                 else:
@@ -667,32 +700,59 @@ class Recorder:
         )
 
 
-def _summarise(post: Mapping[str, Tensor], index: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-quantity tensor summaries ``(Q,)`` and coordinate values ``(Q, C)``."""
-    summary = np.full(len(QUANTITIES), np.nan)
-    values = np.full((len(QUANTITIES), index.numel()), np.nan)
-    post = dict(post)
-    if "mean" in post and "variance" in post:
-        m2 = post["mean"].double() ** 2
-        v = post["variance"].double()
-        post["snr"] = m2 / v
-        summary[QUANTITIES.index("snr")] = float(m2.sum() / v.sum())
-    for q, name in enumerate(QUANTITIES):
-        x = post.get(name)
-        if x is None:
+_Summary = tuple[dict[str, float], dict[str, np.ndarray], dict[str, float]]
+
+
+def _summarise(tensors: Mapping[str, Any], index: Tensor) -> _Summary:
+    """Tensor summaries (:data:`LAYER_STATISTICS`), the values at ``index`` and the sums the SNR
+    needs, of the public quantities in ``tensors``; one pass per quantity, no float64 copy of a
+    whole tensor (accumulation in the tensor's dtype)."""
+    summary: dict[str, float] = {}
+    values: dict[str, np.ndarray] = {}
+    sums: dict[str, float] = {}
+    for name, x in tensors.items():
+        if name.startswith("_") or name not in LAYER_STATISTICS:
             continue
-        x = x.detach()
-        flat = x.reshape(-1)
+        if isinstance(x, _Summarised):
+            summary[name] = x.summary
+            if index.numel():
+                values[name] = x.at(index).double().cpu().numpy()
+            continue
+        flat = x.detach().reshape(-1)
         if index.numel():
-            values[q] = flat[index.to(flat.device)].double().cpu().numpy()
-        if name == "snr":
-            continue
+            values[name] = flat[index.to(flat.device)].double().cpu().numpy()
         stat = LAYER_STATISTICS[name]
-        xd = flat.double()
+        if name == "mean":
+            sums["mean_sq"] = float(torch.dot(flat, flat))
         if stat == "rms":
-            summary[q] = float(xd.pow(2).mean().sqrt())
+            sq = sums["mean_sq"] if name == "mean" else float(torch.dot(flat, flat))
+            summary[name] = math.sqrt(sq / max(flat.numel(), 1))
         elif stat == "mean":
-            summary[q] = float(xd.mean())
+            total = float(flat.sum())
+            summary[name] = total / max(flat.numel(), 1)
+            if name == "variance":
+                sums["variance"] = total
         elif stat == "geometric_mean":
-            summary[q] = float(xd.log().mean().exp())
-    return summary, values
+            summary[name] = math.exp(float(flat.log().mean()))
+    return summary, values, sums
+
+
+def _merge(pre: _Summary, post: _Summary) -> tuple[np.ndarray, np.ndarray]:
+    r"""Arrays ``(Q,)`` and ``(Q, C)`` from the pre- and post-step summaries (post wins), with the
+    SNR: :math:`\sum\mu^2/\sum\sigma^2` per tensor and :math:`\mu^2/\sigma^2` per
+    coordinate."""
+    summary = {**pre[0], **post[0]}
+    values = {**pre[1], **post[1]}
+    sums = {**pre[2], **post[2]}
+    if "mean_sq" in sums and "variance" in sums:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            summary["snr"] = np.float64(sums["mean_sq"]) / np.float64(sums["variance"])
+            if "mean" in values and "variance" in values:
+                values["snr"] = values["mean"] ** 2 / values["variance"]
+    n = next((len(v) for v in values.values()), 0)
+    layer = np.array([summary.get(q, np.nan) for q in QUANTITIES], dtype=float)
+    coords = np.full((len(QUANTITIES), n), np.nan)
+    for i, q in enumerate(QUANTITIES):
+        if q in values:
+            coords[i] = values[q]
+    return layer, coords
