@@ -76,7 +76,10 @@ References:
     <https://arxiv.org/abs/1507.02646>`_, JMLR 2024.
 
 .. note::
-    Departures from Alain et al. (their code, ``shared/notes/importance.md``): they give
+    The full text of Alain et al. was not available to us; what is theirs here (the design
+    :math:`q \propto \lVert g\rVert + c`, Hansen–Hurwitz weights, the dense-layer identity,
+    the variance monitor, scoring workers) comes from the abstract and their code as read in
+    ``shared/notes/importance.md``. Departures from that code: they give
     examples whose score is older than a time window probability 0, so their estimator is
     unbiased only for the mean over the recently scored subset; here every example keeps
     :math:`q_k > 0` (stale scores are used as they are, missing ones get the mean score) and the
@@ -103,6 +106,7 @@ import torch
 from torch import Tensor, nn
 
 from probopt._optional import require
+from probopt.sampling.designs import PPSWithReplacement
 from probopt.sampling.estimators import hansen_hurwitz_weights
 from probopt.sampling.gradient_estimator import GradientEstimator, LossFn
 from probopt.sampling.per_example import ParamSpec
@@ -652,14 +656,21 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
             self.sweep_size = batch_size // 2 if self.pool is None else 0
         if self.fixed_threshold is None:
             self.tau_condition.threshold = tau_threshold(2 * self.sweep_size, batch_size)
+        uniform = PPSWithReplacement(torch.ones(n, dtype=torch.float64), batch_size)
+        designs: dict[int, PPSWithReplacement] = {}  # by table revision
         for _ in range(n // batch_size):
             if self.active:
-                q = self._design()[1]
+                rev = self.table.revision
+                if rev not in designs:
+                    designs.clear()
+                    designs[rev] = PPSWithReplacement(self._design()[1], batch_size)
+                design = designs[rev]
             else:
-                q = torch.full((n,), 1.0 / n, dtype=torch.float64)
-            index = torch.multinomial(q, batch_size, replacement=True, generator=generator)
-            self._pending = _Pending(index, hansen_hurwitz_weights(q[index], n))
-            yield index
+                design = uniform
+            sample = design.sample(generator)
+            weights = hansen_hurwitz_weights(sample.draw_probabilities, n)
+            self._pending = _Pending(sample.indices, weights)
+            yield sample.indices
 
     def _take_pending(self, index: Tensor) -> Tensor:
         pending, self._pending = self._pending, None
@@ -872,8 +883,9 @@ class PresampleImportanceEstimator(GradientEstimator):
                 ud = u.to(x.device)
                 s = score_examples(self._model, self._loss_fn, x[ud], y[ud], self.score).detach()
                 q = draw_probabilities(s, smoothing=self.smoothing, uniform_mix=self.uniform_mix)
-                j = torch.multinomial(q, batch_size, replacement=True, generator=generator)
-                index, weights = u[j], hansen_hurwitz_weights(q[j], big_b)
+                sample = PPSWithReplacement(q, batch_size).sample(generator)
+                index = u[sample.indices]
+                weights = hansen_hurwitz_weights(sample.draw_probabilities, big_b)
                 self.tau_condition.update(tau(s, q))
             self._pending = _Pending(index, weights)
             yield index
