@@ -15,7 +15,7 @@ import probopt.jax.designs as jd  # noqa: E402
 import probopt.jax.estimators as je  # noqa: E402
 import probopt.sampling.designs as td  # noqa: E402
 import probopt.sampling.estimators as te  # noqa: E402
-from probopt.testing import reference as ref  # noqa: E402
+from probopt.testing import reference  # noqa: E402
 
 N = 40
 
@@ -41,48 +41,32 @@ def _t(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
-def _cases(d):
-    """(name, jax value, torch value, NumPy reference value or None) for every estimator."""
-    j = {k: jnp.asarray(v) for k, v in d.items()}
-    t = {k: _t(v) for k, v in d.items()}
+def _estimates(mod, d):
+    """Every estimator and loss-weight function of ``mod`` (JAX, torch or the NumPy reference:
+    the same names and arguments) on the data ``d``; the reference lacks the ``*_weights`` of
+    HT/HH, ``ridge`` and ``greg_coefficients`` (``None`` there)."""
+    ref = mod is reference
     out = []
     for total in (False, True):
         kw = dict(total=total)
         out += [
-            ("ht", je.horvitz_thompson(j["y"], j["pi"], N, **kw),
-             te.horvitz_thompson(t["y"], t["pi"], N, **kw),
-             ref.horvitz_thompson(d["y"], d["pi"], N, **kw)),
-            ("ht1", je.horvitz_thompson(j["y1"], j["pi"], N, **kw),
-             te.horvitz_thompson(t["y1"], t["pi"], N, **kw),
-             ref.horvitz_thompson(d["y1"], d["pi"], N, **kw)),
-            ("hh", je.hansen_hurwitz(j["y"], j["p"], N, **kw),
-             te.hansen_hurwitz(t["y"], t["p"], N, **kw),
-             ref.hansen_hurwitz(d["y"], d["p"], N, **kw)),
-            ("diff", je.difference_estimator(j["y"], j["y_hat"], j["y_hat_mean"], j["pi"], N, **kw),
-             te.difference_estimator(t["y"], t["y_hat"], t["y_hat_mean"], t["pi"], N, **kw),
-             ref.difference_estimator(d["y"], d["y_hat"], d["y_hat_mean"], d["pi"], N, **kw)),
-            ("ht_w", je.horvitz_thompson_weights(j["pi"], N, **kw),
-             te.horvitz_thompson_weights(t["pi"], N, **kw), None),
-            ("hh_w", je.hansen_hurwitz_weights(j["p"], N, **kw),
-             te.hansen_hurwitz_weights(t["p"], N, **kw), None),
-        ]  # fmt: skip
-        for c in (None, "c"):
-            jc, tc, rc = (None, None, None) if c is None else (j["c"], t["c"], d["c"])
+            mod.horvitz_thompson(d["y"], d["pi"], N, **kw),
+            mod.horvitz_thompson(d["y1"], d["pi"], N, **kw),
+            mod.hansen_hurwitz(d["y"], d["p"], N, **kw),
+            mod.difference_estimator(d["y"], d["y_hat"], d["y_hat_mean"], d["pi"], N, **kw),
+            None if ref else mod.horvitz_thompson_weights(d["pi"], N, **kw),
+            None if ref else mod.hansen_hurwitz_weights(d["p"], N, **kw),
+        ]
+        for c in (None, d["c"]):
             out += [
-                ("greg_w", je.greg_weights(j["h"], j["h_mean"], j["pi"], N, c=jc, **kw),
-                 te.greg_weights(t["h"], t["h_mean"], t["pi"], N, c=tc, **kw),
-                 ref.greg_weights(d["h"], d["h_mean"], d["pi"], N, c=rc, **kw)),
-                ("greg", je.greg(j["y"], j["h"], j["h_mean"], j["pi"], N, c=jc, **kw),
-                 te.greg(t["y"], t["h"], t["h_mean"], t["pi"], N, c=tc, **kw),
-                 ref.greg(d["y"], d["h"], d["h_mean"], d["pi"], N, c=rc, **kw)),
-            ]  # fmt: skip
+                mod.greg_weights(d["h"], d["h_mean"], d["pi"], N, c=c, **kw),
+                mod.greg(d["y"], d["h"], d["h_mean"], d["pi"], N, c=c, **kw),
+            ]
     out += [
-        ("hajek", je.hajek(j["y"], j["pi"]), te.hajek(t["y"], t["pi"]), ref.hajek(d["y"], d["pi"])),
-        ("greg_ridge", je.greg_weights(j["h"], j["h_mean"], j["pi"], N, ridge=0.3),
-         te.greg_weights(t["h"], t["h_mean"], t["pi"], N, ridge=0.3), None),
-        ("greg_coef", je.greg_coefficients(j["y"], j["h"], j["pi"], N, c=j["c"]),
-         te.greg_coefficients(t["y"], t["h"], t["pi"], N, c=t["c"]), None),
-    ]  # fmt: skip
+        mod.hajek(d["y"], d["pi"]),
+        None if ref else mod.greg_weights(d["h"], d["h_mean"], d["pi"], N, ridge=0.3),
+        None if ref else mod.greg_coefficients(d["y"], d["h"], d["pi"], N, c=d["c"]),
+    ]
     return out
 
 
@@ -90,11 +74,14 @@ def test_estimators_match_torch_and_reference_float64(x64, data):
     """Every estimator and loss-weight function: JAX = torch = the NumPy textbook sums, float64.
     1e-10 relative: the GREG paths solve the same 3x3 system by different LAPACK calls and the
     reference uses the regression form (measured ~1e-15)."""
-    for name, j, t, r in _cases(data):
-        assert j.dtype == jnp.float64, name
-        np.testing.assert_allclose(np.asarray(j), t.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+    ours = jax.jit(lambda d: _estimates(je, d))({k: jnp.asarray(v) for k, v in data.items()})
+    torch_twin = _estimates(te, {k: _t(v) for k, v in data.items()})
+    textbook = _estimates(reference, data)
+    for i, (j, t, r) in enumerate(zip(ours, torch_twin, textbook)):
+        assert j.dtype == jnp.float64, i
+        np.testing.assert_allclose(np.asarray(j), t.numpy(), rtol=1e-10, atol=1e-12, err_msg=i)
         if r is not None:
-            np.testing.assert_allclose(np.asarray(j), r, rtol=1e-10, atol=1e-12, err_msg=name)
+            np.testing.assert_allclose(np.asarray(j), r, rtol=1e-10, atol=1e-12, err_msg=i)
 
 
 def test_float32_inputs_stay_float32(data):
@@ -111,23 +98,27 @@ def test_mask_equals_the_subsample(x64, data):
     """Masked-out units get weight exactly 0: the estimate on all n units with a mask is the
     estimate on the subsample (1e-12)."""
     mask = np.array([True, False, True, True, False, True, True, False, True])
+    sub = {k: v[mask] for k, v in data.items() if np.shape(v)[:1] == (9,)}
+
+    @jax.jit
+    def pairs(j, sub, m):
+        return [
+            (je.horvitz_thompson(j["y"], j["pi"], N, mask=m),
+             je.horvitz_thompson(sub["y"], sub["pi"], N)),
+            (je.hajek(j["y"], j["pi"], mask=m), je.hajek(sub["y"], sub["pi"])),
+            (je.difference_estimator(j["y"], j["y_hat"], j["y_hat_mean"], j["pi"], N, mask=m),
+             je.difference_estimator(sub["y"], sub["y_hat"], j["y_hat_mean"], sub["pi"], N)),
+            (je.greg(j["y"], j["h"], j["h_mean"], j["pi"], N, c=j["c"], mask=m),
+             je.greg(sub["y"], sub["h"], j["h_mean"], sub["pi"], N, c=sub["c"])),
+            (je.greg_coefficients(j["y"], j["h"], j["pi"], N, mask=m),
+             je.greg_coefficients(sub["y"], sub["h"], sub["pi"], N)),
+            # an empty sample: 0, not NaN
+            (je.hajek(j["y1"], j["pi"], mask=jnp.zeros(9, bool)), jnp.zeros(())),
+        ]  # fmt: skip
+
     j = {k: jnp.asarray(v) for k, v in data.items()}
-    sub = {k: jnp.asarray(v[mask]) for k, v in data.items() if np.shape(v)[:1] == (9,)}
-    m = jnp.asarray(mask)
-    pairs = [
-        (je.horvitz_thompson(j["y"], j["pi"], N, mask=m),
-         je.horvitz_thompson(sub["y"], sub["pi"], N)),
-        (je.hajek(j["y"], j["pi"], mask=m), je.hajek(sub["y"], sub["pi"])),
-        (je.difference_estimator(j["y"], j["y_hat"], j["y_hat_mean"], j["pi"], N, mask=m),
-         je.difference_estimator(sub["y"], sub["y_hat"], j["y_hat_mean"], sub["pi"], N)),
-        (je.greg(j["y"], j["h"], j["h_mean"], j["pi"], N, c=j["c"], mask=m),
-         je.greg(sub["y"], sub["h"], j["h_mean"], sub["pi"], N, c=sub["c"])),
-        (je.greg_coefficients(j["y"], j["h"], j["pi"], N, mask=m),
-         je.greg_coefficients(sub["y"], sub["h"], sub["pi"], N)),
-    ]  # fmt: skip
-    for a, b in pairs:
+    for a, b in pairs(j, {k: jnp.asarray(v) for k, v in sub.items()}, jnp.asarray(mask)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert float(je.hajek(j["y1"], j["pi"], mask=jnp.zeros(9, bool))) == 0.0  # empty: 0, not NaN
 
 
 def test_poisson_design_exact_enumeration_with_masks(x64):
@@ -138,7 +129,7 @@ def test_poisson_design_exact_enumeration_with_masks(x64):
     pi = rng.uniform(0.2, 0.9, 7)
     y = rng.standard_normal((7, 2)) + 1.0
     y_hat = y + 0.1 * rng.standard_normal((7, 2))
-    samples = ref.enumerate_poisson(pi)
+    samples = reference.enumerate_poisson(pi)
     masks = np.zeros((len(samples), 7), bool)
     for i, s in enumerate(samples):
         masks[i, s.indices] = True
@@ -179,45 +170,49 @@ def test_design_inclusion_probabilities_match_torch(x64):
 
 
 def test_sample_frequencies_match_inclusion_probabilities():
-    """5000 draws of every design (vmapped over keys, jitted): the empirical inclusion
-    frequency of every unit is within 5 binomial standard deviations of pi_k (a wrong design,
-    e.g. sampling with replacement or ignoring p_k, is off by tens of sd); SRS and stratified
+    """5000 draws of every design (one vmapped, jitted call): the empirical inclusion frequency
+    of every unit is within 5 binomial standard deviations of pi_k (a wrong design, e.g.
+    sampling with replacement or ignoring p_k, is off by tens of sd); SRS and stratified
     samples hold distinct units and the right number per stratum."""
     reps, n_units = 5000, 8
-    keys = jax.random.split(jax.random.PRNGKey(0), reps)
+    pi = jnp.linspace(0.1, 0.9, n_units)
+    sizes = jnp.arange(1.0, n_units + 1)
+    strata = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+
+    @jax.jit
+    @jax.vmap
+    def draw(key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        return (
+            jd.simple_random_sample(k1, n_units, 3).indices,
+            jd.poisson_sample(k2, pi).mask,
+            jd.pps_with_replacement_sample(k3, sizes, 2).indices,
+            jd.stratified_sample(k4, strata, sample_sizes=[1, 2]).indices,
+        )
+
+    srs, masks, draws, st = (np.asarray(x) for x in draw(jax.random.split(jax.random.PRNGKey(0),
+                                                                           reps)))  # fmt: skip
 
     def check(freq, pi):
         sd = np.sqrt(pi * (1 - pi) / reps)
         assert (np.abs(freq - pi) < 5 * sd + 1e-12).all(), (freq, pi)
 
-    srs = jax.jit(jax.vmap(lambda k: jd.simple_random_sample(k, n_units, 3).indices))(keys)
-    onehot = np.zeros((reps, n_units))
-    np.put_along_axis(onehot, np.asarray(srs), 1.0, axis=1)
+    def frequencies(indices):
+        onehot = np.zeros((reps, n_units))
+        np.put_along_axis(onehot, indices, 1.0, axis=1)
+        return onehot
+
+    onehot = frequencies(srs)
     assert (onehot.sum(1) == 3).all()  # distinct units
     check(onehot.mean(0), np.full(n_units, 3 / n_units))
-
-    pi = jnp.linspace(0.1, 0.9, n_units)
-    masks = jax.jit(jax.vmap(lambda k: jd.poisson_sample(k, pi).mask))(keys)
-    check(np.asarray(masks).mean(0), np.asarray(pi))
-
-    sizes = jnp.arange(1.0, n_units + 1)
-    draws = jax.jit(jax.vmap(lambda k: jd.pps_with_replacement_sample(k, sizes, 2).indices))(keys)
-    hit = np.zeros((reps, n_units))
-    for col in range(2):
-        hit[np.arange(reps), np.asarray(draws)[:, col]] = 1.0
+    check(masks.mean(0), np.asarray(pi))
     p = np.asarray(sizes / sizes.sum())
-    check(hit.mean(0), 1 - (1 - p) ** 2)
-
-    strata = np.array([0, 0, 0, 1, 1, 1, 1, 1])
-    st = jax.jit(jax.vmap(lambda k: jd.stratified_sample(k, strata, sample_sizes=[1, 2]).indices))(
-        keys
-    )
-    st = np.asarray(st)
+    check(frequencies(draws).mean(0), 1 - (1 - p) ** 2)  # a unit drawn twice counts once
     assert (strata[st[:, 0]] == 0).all() and (strata[st[:, 1:]] == 1).all()
     assert (st[:, 1] != st[:, 2]).all()
-    onehot = np.zeros((reps, n_units))
-    np.put_along_axis(onehot, st, 1.0, axis=1)
-    check(onehot.mean(0), np.asarray(jd.stratified_inclusion_probabilities(strata, [1, 2])))
+    check(
+        frequencies(st).mean(0), np.asarray(jd.stratified_inclusion_probabilities(strata, [1, 2]))
+    )
 
 
 def test_loss_weights_give_the_estimate_as_a_gradient(x64):
