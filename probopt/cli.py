@@ -246,6 +246,12 @@ def _build_parser() -> _Parser:
         "--quick", action="store_true", help="a smoke run: 3 epochs and 1 seed unless given"
     )
     cmp_.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmp_.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the gradient diagnostics (netCDF + PNG views of the first seed of each "
+        "optimizer; needs probopt[diagnostics])",
+    )
     cmp_.set_defaults(handler=_compare)
 
     sub.add_parser("datasets", help="list the bundled datasets").set_defaults(handler=_datasets)
@@ -369,6 +375,9 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"unusable --device {args.device!r}: {_one_line(err)}") from None
     out = _check_out(args.out)
     require("matplotlib", "the report plots")
+    diagnostics = not args.no_diagnostics
+    if diagnostics:
+        require("arviz_base", "the gradient diagnostics (or pass --no-diagnostics)")
     if not args.quiet:
         require("tqdm", "the progress bar")
 
@@ -415,6 +424,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "out": out,
         "config": config,
+        "diagnostics": diagnostics,
     }
 
 
@@ -445,6 +455,11 @@ def _run(plan: dict[str, Any], *, quiet: bool) -> int:
         )
         bar.update(run.epochs - epoch + 1 if run.diverged else 1)
 
+    diag = None
+    if plan["diagnostics"]:
+        from probopt.diagnostics import CompareDiagnostics
+
+        diag = CompareDiagnostics()
     for name in optimizers:  # one-off costs (kernel compilation) out of the first run's timings
         warm_up(name, plan["device"])
     runs = []
@@ -464,6 +479,11 @@ def _run(plan: dict[str, Any], *, quiet: bool) -> int:
                     estimator=make_estimator(plan["estimator"]),
                     device=plan["device"],
                     callback=progress,
+                    on_start=(
+                        diag.callback(f"{name} seed {seed}")
+                        if diag is not None and seed == seeds[0]
+                        else None
+                    ),
                 )
                 runs.append(run)
     finally:
@@ -471,6 +491,8 @@ def _run(plan: dict[str, Any], *, quiet: bool) -> int:
             bar.close()
     config = {**plan["config"], "wall time (s)": round(time.perf_counter() - start, 1)}
     report = write_report(runs, plan["out"], config=config)
+    if diag is not None:
+        diag.write(plan["out"], append_to=report)
     print(format_table(summarize(runs)))
     print(f"\nreport: {report}")
     return 0

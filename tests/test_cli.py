@@ -29,6 +29,28 @@ def test_compare_writes_the_report_and_prints_the_table(tmp_path, capsys):
     assert [r["optimizer"] for r in data["runs"]] == ["sgdm", "adamw"]
 
 
+def test_compare_writes_gradient_diagnostics(tmp_path):
+    """The report carries the posterior-gradient diagnostics of the first seed of each
+    optimizer: a netCDF DataTree and the PNG views that have data (VSGD has a posterior, SGD
+    does not, so only VSGD gets the beta view); --no-diagnostics writes none."""
+    from probopt.diagnostics.arviz import load
+
+    out = tmp_path / "rep"
+    argv = ["compare", *TINY, "--optimizers", "sgdm,vsgd", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    diag = out / "diagnostics"
+    assert {"sgdm_seed_0.nc", "vsgd_seed_0.nc", "vsgd_seed_0_beta.png"} <= {
+        f.name for f in diag.iterdir()
+    }
+    assert not (diag / "sgdm_seed_0_beta.png").exists()
+    assert "diagnostics/vsgd_seed_0_beta.png" in (out / "report.md").read_text()
+    tree = load(diag / "vsgd_seed_0.nc")
+    assert {"layers", "coordinates"} <= set(tree.children)
+    quiet = tmp_path / "plain"
+    assert main([*argv[:-3], "--out", str(quiet), "--quiet", "--no-diagnostics"]) == 0
+    assert not (quiet / "diagnostics").exists()
+
+
 def test_quiet_has_no_progress_bar_and_lr_reaches_the_runs(tmp_path, capsys):
     out = tmp_path / "rep"
     argv = ["compare", *TINY, "--out", str(out), "--quiet", "--lr", "0.01,adamw=0.02"]

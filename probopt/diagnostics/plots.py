@@ -326,13 +326,17 @@ VIEWS: dict[str, tuple[Any, str]] = {
 }
 
 
+#: views that show a posterior quantity, skipped when it is NaN everywhere
+_KEY_VARIABLE = {"gradient_bands": "mean", "snr_heatmap": "snr", "beta": "beta"}
+
+
 def save_views(
     dt: Any, folder: str | os.PathLike[str], *, prefix: str = "", dpi: int = 110
 ) -> dict[str, Path]:
     """Render every view the tree has data for and save it as ``<prefix><view>.png``.
 
-    A view whose group is present but whose data are all missing (for example β_t of an optimizer
-    without a posterior, every value NaN) is still drawn: an empty panel says so honestly.
+    A view whose key quantity is missing everywhere (β_t, the SNR or the posterior mean of an
+    optimizer without a posterior, such as AdamW: every value NaN) is not drawn.
 
     Returns:
         view name -> path of the PNG written.
@@ -344,6 +348,9 @@ def save_views(
         if group not in dt.children:
             continue
         if group == "coordinates" and dt[group].sizes.get("coordinate", 0) == 0:
+            continue
+        key = _KEY_VARIABLE.get(name)
+        if key is not None and not np.isfinite(dt[group].to_dataset()[key].values).any():
             continue
         fig = fn(dt)
         path = folder / f"{prefix}{name}.png"

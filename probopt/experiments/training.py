@@ -238,6 +238,7 @@ def train(
     network_kwargs: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     callback: Callable[[RunResult, int], None] | None = None,
+    on_start: Callable[[nn.Module, torch.optim.Optimizer, GradientEstimator], Any] | None = None,
 ) -> RunResult:
     """Train one network with one optimizer and record its per-epoch curves.
 
@@ -258,6 +259,8 @@ def train(
             (``hidden`` for the MLP, ``width`` for the CNN).
         device: where the network and the data live.
         callback: called as ``callback(result, epoch)`` after every evaluation (epoch 0 too).
+        on_start: called once as ``on_start(model, optimizer, estimator)`` after set-up, before
+            the first epoch (e.g. ``probopt.diagnostics.CompareDiagnostics.callback(label)``).
 
     Returns:
         The :class:`RunResult`.
@@ -295,6 +298,8 @@ def train(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         est.setup(model, x_train, y_train)
+        if on_start is not None:
+            on_start(model, opt, est)
         _record(result, model, x_train, y_train, x_test, y_test)
         if callback is not None:
             callback(result, 0)
