@@ -40,7 +40,7 @@ JITTER = 1e-4
 # an allocating add over 40 MB took 30 ms where an in-place addcmul_ took 9 ms). The foreach path
 # therefore works in place, on blocks of at most _CPU_BLOCK elements, with two scratch buffers of
 # that size kept between steps, so that temporaries stay in cache.
-_CPU_BLOCK = 1 << 20
+_CPU_BLOCK = 1 << 18
 
 
 class VSGDPosterior(NamedTuple):
