@@ -40,11 +40,9 @@ from probopt.sampling.importance import (
     trace_variances,
 )
 from probopt.sampling.model_assisted import (
-    ESTIMATOR_NAMES,
     CachedGradientEstimator,
     DifferenceEstimator,
     GREGEstimator,
-    make_estimator,
     train_epoch,
 )
 from probopt.sampling.per_example import (
@@ -53,6 +51,7 @@ from probopt.sampling.per_example import (
     last_layer_grads,
     per_example_grads,
 )
+from probopt.sampling.registry import estimator_names, make_estimator
 from probopt.sampling.scores import (
     DenseNormCapture,
     exact_grad_norms,
@@ -75,17 +74,18 @@ from probopt.sampling.variance import (
 )
 
 __all__ = [
+    # every estimator by name (probopt.sampling.registry)
+    "estimator_names",
+    "make_estimator",
     # auxiliary data and working model (probopt.sampling.auxiliary)
     "Auxiliary",
     "GradientFactorTable",
     "OnlineLinearModel",
     "make_auxiliary",
     # model-assisted estimators (probopt.sampling.model_assisted)
-    "ESTIMATOR_NAMES",
     "CachedGradientEstimator",
     "DifferenceEstimator",
     "GREGEstimator",
-    "make_estimator",
     "train_epoch",
     # importance sampling (probopt.sampling.importance) and its scores (probopt.sampling.scores)
     "ImportanceEstimator",
