@@ -28,14 +28,9 @@ for orientation only. Re-run a script to refresh its section.
 
 def machine() -> str:
     """One line describing the machine: CPU model, cores, GPU, torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from probopt.experiments.report import environment
+
+    cpu = environment()["cpu"]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} logical cores, {gpu}; Python {platform.python_version()}, "

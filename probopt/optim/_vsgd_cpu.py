@@ -65,15 +65,14 @@ def fused_cpu_vsgd(
     maximize: bool,
 ) -> None:
     """One VSGD step with the C kernel; every tensor must pass :func:`supports`."""
-    from probopt.optim.vsgd import _first_step_variances, _shape
+    from probopt.optim.vsgd import _first_step_posterior, _shape
 
     fns = _functions()
     if fns is None:
         raise RuntimeError("the fused CPU kernel is not available (no C compiler?)")
     gamma, k_g = prior_strength, variance_ratio
     a = _shape(gamma)
-    v_g, v_h = _first_step_variances(gamma, k_g)
-    k1, s2_1 = v_g / (v_g + v_h), v_g * v_h / (v_g + v_h)
+    k1, s2_1 = _first_step_posterior(gamma, k_g)
     decay = 1.0 - lr * weight_decay
     sign = -1.0 if maximize else 1.0
     for i, p in enumerate(params):

@@ -158,11 +158,10 @@ def fused_vsgd(
     maximize: bool,
 ) -> None:
     """One VSGD step on CUDA tensors; one launch per (device, dtype) group."""
-    from probopt.optim.vsgd import _first_step_variances, _shape
+    from probopt.optim.vsgd import _first_step_posterior, _shape
 
     gamma, k_g = prior_strength, variance_ratio
-    v_g, v_h = _first_step_variances(gamma, k_g)
-    k1, s2_1 = v_g / (v_g + v_h), v_g * v_h / (v_g + v_h)
+    k1, s2_1 = _first_step_posterior(gamma, k_g)
     a = _shape(gamma)
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):

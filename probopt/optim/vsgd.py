@@ -62,6 +62,12 @@ def _first_step_variances(prior_strength: float, variance_ratio: float) -> tuple
     return prior_strength / a0, variance_ratio * prior_strength / a0
 
 
+def _first_step_posterior(prior_strength: float, variance_ratio: float) -> tuple[float, float]:
+    """The first step's gain k₁ = 1 − β₁ = v_g/(v_g + v_ĝ) and variance σ₁² (both constants)."""
+    v_g, v_h = _first_step_variances(prior_strength, variance_ratio)
+    return v_g / (v_g + v_h), v_g * v_h / (v_g + v_h)
+
+
 def _shape(prior_strength: float) -> float:
     """The Gamma shape a_t = γ + 1/2 (+ δ/2) of q(w_g) and q(w_ĝ) for every t ≥ 1."""
     return (2 * prior_strength + 1 + JITTER) / 2
@@ -664,9 +670,7 @@ def _foreach_vsgd_block(
         torch._foreach_copy_(y, g)
         torch._foreach_sub_(y, mu)
     if t == 1:
-        v_g, v_h = _first_step_variances(gamma, k_g)
-        k1 = v_g / (v_g + v_h)
-        sigma2 = v_g * v_h / (v_g + v_h)
+        k1, sigma2 = _first_step_posterior(gamma, k_g)
         torch._foreach_mul_(y, k1)  # y <- Δμ
         if beta_out is not None:
             torch._foreach_zero_(beta_out)
