@@ -61,7 +61,8 @@ def checked(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any
 
 
 def is_zero(value: Any) -> bool:
-    """True for a Python number equal to 0 (an array, even a zero one, may be injected later)."""
+    """True for a concrete number equal to 0 (a traced value, e.g. injected, is never zero here:
+    the transform it switches off has the same state structure as the identity)."""
     return isinstance(value, (int, float)) and value == 0
 
 

@@ -2,11 +2,10 @@
 
 import pytest
 
-jax = pytest.importorskip("jax")
-
 
 @pytest.fixture
 def x64():
     """Enable float64 in JAX for one test only (``jax.enable_x64`` is a context manager)."""
+    jax = pytest.importorskip("jax")
     with jax.enable_x64(True):
         yield
