@@ -320,6 +320,14 @@ GradientModelOptimizer.__doc__ = rf"""An optimizer whose update comes from a Pyr
     Cost: 2K ELBO evaluations per parameter tensor per step; meant for small models, notebooks
     and for trying a new gradient-noise model before deriving its closed form.
 
+    .. warning::
+        The step is only as good as the fits. With few ``svi_steps`` or ``num_particles`` the
+        local fit stops short of the ELBO optimum, so (m_t, v_t) are not the posterior moments
+        of the model: they stay near the fit's initialisation and the optimizer silently
+        follows a different rule. The test suite checks the defaults (K = 50, 64 particles)
+        against VSGD's closed form; before trusting smaller values for a model of your own,
+        compare ``posterior()`` with a long fit (or a closed form) on a few recorded gradients.
+
     Example:
         >>> import probopt.models.vsgd as m
         >>> x = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
