@@ -28,15 +28,13 @@ from probopt.sampling.estimators import (
     horvitz_thompson,
     horvitz_thompson_weights,
 )
-from probopt.sampling.importance import (
-    ImportanceEstimator,
-    PresampleImportanceEstimator,
-    ScoreTable,
+from probopt.sampling.importance import ImportanceEstimator, PresampleImportanceEstimator
+from probopt.sampling.importance_design import ScoreTable, draw_probabilities
+from probopt.sampling.importance_tau import tau
+from probopt.sampling.importance_weights import (
     diagnose_weights,
-    draw_probabilities,
     kish_ess,
     pareto_khat,
-    tau,
     trace_variances,
 )
 from probopt.sampling.model_assisted import (
@@ -87,7 +85,9 @@ __all__ = [
     "DifferenceEstimator",
     "GREGEstimator",
     "train_epoch",
-    # importance sampling (probopt.sampling.importance) and its scores (probopt.sampling.scores)
+    # importance sampling (probopt.sampling.importance: estimators; importance_design: q and
+    # the score table; importance_tau: when it pays; importance_weights: weight diagnostics)
+    # and its scores (probopt.sampling.scores)
     "ImportanceEstimator",
     "PresampleImportanceEstimator",
     "ScoreTable",

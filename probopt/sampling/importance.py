@@ -14,15 +14,10 @@ estimate
 is unbiased for :math:`\mu` *over the whole population* whenever every :math:`q_k > 0`; the
 trace is smallest at :math:`q_k \propto \lVert g_k\rVert` (Alain et al.). The norms are not
 known when drawing: they come from a table of *stale* scores :math:`s_k` (the norm at the last
-visit, or from scoring workers, :mod:`probopt.distributed`), and the draw probabilities are
-
-.. math::
-    q_k = (1 - \lambda)\,\frac{s_k + c}{\sum_U (s_l + c)} + \frac{\lambda}{N}
-
-with additive smoothing :math:`c` (``smoothing``) and mixing with uniform :math:`\lambda`
-(``uniform_mix``). Never-scored examples get the mean of the known scores. Staleness and
-smoothing only change the variance, never the mean. With :math:`\lambda > 0` every weight is
-bounded, :math:`1/(N q_k) \le 1/\lambda`.
+visit, or from scoring workers, :mod:`probopt.distributed`), smoothed and mixed with uniform
+into the draw probabilities :math:`q_k = (1 - \lambda)(s_k + c)/\sum_U (s_l + c) + \lambda/N`
+(:mod:`probopt.sampling.importance_design`). Every :math:`q_k > 0`, so staleness and smoothing
+only change the variance, never the mean.
 
 **The algorithm** (:class:`ImportanceEstimator`, the loop of
 :class:`~probopt.sampling.GradientEstimator`)::
@@ -50,19 +45,17 @@ sweep of :math:`r = b/2` examples per step (a local scoring worker, what Alain e
 workers do) kept it within 5–40 % of the ideal from epoch 5 on, on digits, MNIST-5k and mnist1d
 (``benchmarks/bench_importance_variance.py``).
 
-The Katharopoulos–Fleuret criterion: :math:`\tau_{new} = \sqrt{\bar{s^2}/\sum_U s_k^2/(N^2 q_k)}`
-is the square root of the ratio of the uniform to the importance second moment (for :math:`q
-\propto s` it is their :math:`1/\sqrt{1 - \lVert g - u\rVert^2/\lVert g\rVert^2}`); importance
-sampling pays when a step costs less than :math:`\tau` uniform steps' worth of variance
-reduction, :math:`\tau > \tau_{th} = (B + 3b)/(3b)` for :math:`B` extra forward passes per step
-(:func:`tau_threshold`).
+Importance sampling is switched on only while it pays: the Katharopoulos–Fleuret :math:`\tau`
+criterion, averaged over steps, exceeds the cost model's threshold
+(:mod:`probopt.sampling.importance_tau`).
 
 :class:`PresampleImportanceEstimator` is Katharopoulos & Fleuret's own algorithm: a uniform
 presample of :math:`B = 3b` examples scored by a forward pass (the last-layer bound
 :math:`\lVert \mathrm{softmax}(z) - e_y\rVert`), :math:`b` of them drawn proportionally.
 
-Reliability of the weights: :func:`kish_ess` and the PSIS Pareto :math:`\hat k`
-(:func:`pareto_khat`, through ArviZ; a warning above 0.7), together in :func:`diagnose_weights`.
+Reliability of the weights (Kish ESS, PSIS Pareto :math:`\hat k`) and Alain et al.'s variance
+monitor: :mod:`probopt.sampling.importance_weights`. Every public name of the three modules is
+re-exported here.
 
 References:
     Alain, Lamb, Sankar, Courville & Bengio, `Variance Reduction in SGD by Distributed Importance
@@ -71,9 +64,6 @@ References:
     Sampling <https://arxiv.org/abs/1803.00942>`_, ICML 2018.
     Hansen & Hurwitz, On the theory of sampling from finite populations, Ann. Math. Statist. 14,
     1943.
-    Kish, *Survey Sampling*, Wiley, 1965 (the effective sample size).
-    Vehtari, Simpson, Gelman, Yao & Gabry, `Pareto Smoothed Importance Sampling
-    <https://arxiv.org/abs/1507.02646>`_, JMLR 2024.
 
 .. note::
     The full text of Alain et al. was not available to us; what is theirs here (the design
@@ -96,19 +86,33 @@ References:
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probopt._optional import require
 from probopt.sampling.designs import PPSWithReplacement
 from probopt.sampling.estimators import hansen_hurwitz_weights
 from probopt.sampling.gradient_estimator import GradientEstimator, LossFn
+from probopt.sampling.importance_design import (
+    ScoreTable,
+    _check_nonneg,
+    _check_unit,
+    _fill,
+    _mix,
+    draw_probabilities,
+)
+from probopt.sampling.importance_tau import TauCondition, _tau, tau, tau_threshold
+from probopt.sampling.importance_weights import (
+    ImportanceWeightWarning,
+    TraceVariances,
+    WeightDiagnostics,
+    diagnose_weights,
+    kish_ess,
+    pareto_khat,
+    trace_variances,
+)
 from probopt.sampling.per_example import ParamSpec
 from probopt.sampling.scores import (
     SCORE_METHODS,
@@ -136,365 +140,14 @@ __all__ = [
     "trace_variances",
 ]
 
-
 # --------------------------------------------------------------------------------------------
 # validation
-
-
-def _check_nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0)")
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
-    return float(value)
-
-
-def _check_unit(name: str, value: float, *, closed: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (0 <= value <= 1 if closed else 0 <= value < 1)
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (must lie in [0, 1{']' if closed else ')'})")
-    return float(value)
 
 
 def _check_method(score: str) -> str:
     if score not in SCORE_METHODS:
         raise ValueError(f"Invalid score: {score!r}; choose one of {', '.join(SCORE_METHODS)}")
     return score
-
-
-# --------------------------------------------------------------------------------------------
-# the design
-
-
-def draw_probabilities(
-    scores: Tensor, *, smoothing: float = 0.0, uniform_mix: float = 0.0
-) -> Tensor:
-    r"""Draw probabilities :math:`q_k = (1-\lambda)(s_k + c)/\sum_U(s_l + c) + \lambda/N`.
-
-    Missing scores (NaN: never scored) are replaced by the mean of the known ones (1 when none
-    is known), so every example stays drawable. Note that additive smoothing by
-    :math:`c = \gamma \bar s` equals mixing with :math:`\lambda = \gamma/(1 + \gamma)`: the two
-    knobs span the same family, ``smoothing`` in the units of the scores (Alain et al.'s
-    constant), ``uniform_mix`` scale-free.
-
-    Args:
-        scores: :math:`s_k \ge 0` or NaN, shape (N,).
-        smoothing: :math:`c \ge 0`.
-        uniform_mix: :math:`\lambda \in [0, 1]`.
-
-    Returns:
-        float64 probabilities of shape (N,), summing to 1, all positive.
-
-    Raises:
-        ValueError: a score is negative or infinite, or some :math:`q_k = 0` (a zero score with
-            ``smoothing = uniform_mix = 0``: that example could never be drawn, and the
-            estimator would be unbiased only for the others).
-
-    Example:
-        >>> draw_probabilities(torch.tensor([1.0, 3.0, float("nan"), 0.0]), uniform_mix=0.2)
-        tensor([0.2000, 0.5000, 0.2500, 0.0500], dtype=torch.float64)
-    """
-    s = torch.as_tensor(scores).detach().to(device="cpu", dtype=torch.float64).clone()
-    if s.dim() != 1 or s.numel() == 0:
-        raise ValueError(f"Invalid scores: expected a non-empty (N,) vector, got {tuple(s.shape)}")
-    c = _check_nonneg("smoothing", smoothing)
-    lam = _check_unit("uniform_mix", uniform_mix)
-    bad = torch.isinf(s) | (s < 0)
-    if bool(bad.any()):
-        k = int(torch.nonzero(bad)[0])
-        raise ValueError(f"Invalid scores: example {k} has score {float(s[k])} (need >= 0)")
-    return _mix(_fill(s), c, lam)
-
-
-def _fill(s: Tensor) -> Tensor:
-    """NaN (never scored) -> mean of the known scores (1 when none is known); a new tensor."""
-    known = ~torch.isnan(s)
-    count = int(known.sum())
-    if count == s.numel():
-        return s.clone()
-    fill = float(torch.where(known, s, 0.0).sum()) / count if count else 1.0
-    return torch.where(known, s, fill)
-
-
-def _mix(s: Tensor, c: float, lam: float) -> Tensor:
-    r""":math:`(1-\lambda)(s + c)/\sum(s + c) + \lambda/N` for filled scores, checked > 0."""
-    n = s.numel()
-    s = s + c
-    total = float(s.sum())
-    base = s / total if total > 0 else torch.full_like(s, 1.0 / n)
-    q = base.mul_(1.0 - lam).add_(lam / n)
-    if not bool((q > 0).all()):
-        k = int(torch.nonzero(q <= 0)[0])
-        raise ValueError(
-            f"example {k} would have draw probability 0 (score 0 with smoothing = "
-            f"uniform_mix = 0); set smoothing > 0 or uniform_mix > 0 to keep the estimator "
-            f"unbiased for the whole population"
-        )
-    return q
-
-
-class ScoreTable:
-    """Per-example scores with the parameter version that produced each (freshest wins).
-
-    ``versions[k] = -1`` and ``scores[k] = NaN`` until example k is scored. :meth:`update` only
-    overwrites an entry with a score of the same or a later version, so late results from a slow
-    worker never replace fresher ones.
-
-    Example:
-        >>> table = ScoreTable(4)
-        >>> table.update(torch.tensor([0, 2]), torch.tensor([1.0, 2.0]), version=3)
-        2
-        >>> table.update(torch.tensor([2, 3]), torch.tensor([9.0, 4.0]), version=1)  # 2 is newer
-        1
-        >>> table.scores, table.versions
-        (tensor([1., nan, 2., 4.], dtype=torch.float64), tensor([ 3, -1,  3,  1]))
-    """
-
-    def __init__(self, population_size: int) -> None:
-        if isinstance(population_size, bool) or not isinstance(population_size, int):
-            raise ValueError(f"Invalid population_size: {population_size!r}")
-        if population_size < 1:
-            raise ValueError(f"Invalid population_size: {population_size!r} (must be >= 1)")
-        self.scores = torch.full((population_size,), math.nan, dtype=torch.float64)
-        self.versions = torch.full((population_size,), -1, dtype=torch.int64)
-        self.revision = 0
-        """Incremented by every :meth:`update` that writes (for caches of derived values)."""
-
-    @property
-    def population_size(self) -> int:
-        return self.scores.numel()
-
-    def update(self, indices: Tensor, scores: Tensor, version: int) -> int:
-        """Write ``scores`` of ``indices`` computed with parameters ``version``; return how many
-        entries were written (an entry with a later version is kept)."""
-        idx = torch.as_tensor(indices).detach().to("cpu", torch.int64).reshape(-1)
-        s = torch.as_tensor(scores).detach().to("cpu", torch.float64).reshape(-1)
-        if idx.shape != s.shape:
-            raise ValueError(f"indices {tuple(idx.shape)} and scores {tuple(s.shape)} differ")
-        if idx.numel() == 0:
-            return 0
-        lo, hi = torch.aminmax(idx)
-        if int(lo) < 0 or int(hi) >= self.population_size:
-            raise ValueError(f"indices outside [0, {self.population_size - 1}]")
-        if not bool(((s >= 0) & (s < math.inf)).all()):  # NaN fails s >= 0
-            raise ValueError("scores must be finite and >= 0")
-        keep = self.versions[idx] <= int(version)
-        written = int(keep.sum())
-        if written == idx.numel():
-            self.scores[idx] = s
-            self.versions[idx] = int(version)
-        elif written:
-            self.scores[idx[keep]] = s[keep]
-            self.versions[idx[keep]] = int(version)
-        self.revision += written > 0
-        return written
-
-    def coverage(self) -> float:
-        """Share of examples scored at least once."""
-        return float((self.versions >= 0).double().mean())
-
-    def mean_age(self, version: int) -> float:
-        """Mean ``version - versions[k]`` over scored examples (NaN when none)."""
-        seen = self.versions >= 0
-        if not bool(seen.any()):
-            return math.nan
-        return float((version - self.versions[seen]).double().mean())
-
-
-# --------------------------------------------------------------------------------------------
-# when importance sampling pays
-
-
-def tau(scores: Tensor, probabilities: Tensor | None = None) -> float:
-    r"""Katharopoulos–Fleuret :math:`\tau`: uniform over importance second moment, square-rooted.
-
-    .. math::
-        \tau = \sqrt{\frac{N^{-1}\sum_U s_k^2}{\sum_U s_k^2 / (N^2 q_k)}},
-
-    with :math:`q_k \propto s_k` by default, where it equals KF's
-    :math:`1/\sqrt{1 - \lVert g - u\rVert^2 / \lVert g\rVert^2}`. :math:`\tau \ge 1` for
-    :math:`q \propto s`; 1 for constant scores. NaN scores are filled as in
-    :func:`draw_probabilities`.
-
-    Example:
-        >>> tau(torch.tensor([1.0, 1.0, 1.0, 1.0]))
-        1.0
-        >>> round(tau(torch.tensor([1.0, 1.0, 1.0, 5.0])), 4)  # sqrt(28/4) / 2
-        1.3229
-    """
-    s = torch.as_tensor(scores).detach().to("cpu", torch.float64)
-    if bool((torch.isinf(s) | (s < 0)).any()):
-        raise ValueError("Invalid scores: every score must be finite and >= 0 (or NaN)")
-    s = _fill(s)
-    q = s / s.sum() if probabilities is None else torch.as_tensor(probabilities).double()
-    return _tau(s, q)
-
-
-def _tau(s: Tensor, q: Tensor) -> float:
-    sq = s.square()
-    m_uniform = float(sq.mean())
-    m_is = float(torch.where(s > 0, sq / q, 0.0).sum()) / s.numel() ** 2
-    return math.sqrt(m_uniform / m_is) if m_is > 0 else 1.0
-
-
-def tau_threshold(presample: int, batch_size: int) -> float:
-    r"""KF's switch-on threshold :math:`(B + 3b)/(3b)`: :math:`B` extra forward passes per step.
-
-    A backward costs about two forwards, so a uniform step on :math:`b` examples costs
-    :math:`3b`; importance sampling costs :math:`B + 3b` and is worth :math:`\tau b` uniform
-    examples.
-
-    Example:
-        >>> tau_threshold(3 * 64, 64)
-        2.0
-    """
-    if presample < 0 or batch_size < 1:
-        raise ValueError(f"Invalid presample {presample!r} or batch_size {batch_size!r}")
-    return (presample + 3 * batch_size) / (3 * batch_size)
-
-
-class TauCondition:
-    r"""Exponential average :math:`\tau \leftarrow a\tau + (1-a)\tau_{new}` from 0; on iff
-    :math:`\tau > \tau_{th}`.
-
-    Example:
-        >>> cond = TauCondition(1.5, momentum=0.5)
-        >>> [cond.update(2.0) for _ in range(3)]
-        [False, False, True]
-    """
-
-    def __init__(self, threshold: float, momentum: float = 0.9) -> None:
-        self.threshold = _check_nonneg("tau_threshold", threshold)
-        self.momentum = _check_unit("tau_momentum", momentum, closed=False)
-        self.value = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.value > self.threshold
-
-    def update(self, tau_new: float) -> bool:
-        self.value = self.momentum * self.value + (1.0 - self.momentum) * float(tau_new)
-        return self.active
-
-
-# --------------------------------------------------------------------------------------------
-# reliability of the weights and the variance monitor
-
-
-class ImportanceWeightWarning(UserWarning):
-    """The Pareto k-hat of a set of importance weights exceeds the reliability threshold."""
-
-
-class WeightDiagnostics(NamedTuple):
-    """Effective sample size and Pareto k-hat of a set of importance weights."""
-
-    ess: float  # Kish (sum w)^2 / sum w^2
-    ess_fraction: float  # ess / num_weights
-    khat: float  # PSIS Pareto k-hat (NaN: too few weights; -inf: flat tail)
-    num_weights: int
-
-
-def kish_ess(weights: Tensor) -> float:
-    r"""Kish's effective sample size :math:`(\sum w_i)^2 / \sum w_i^2`.
-
-    Example:
-        >>> kish_ess(torch.ones(8)), kish_ess(torch.tensor([1.0, 0.0, 0.0]))
-        (8.0, 1.0)
-    """
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    sq = float(w.square().sum())
-    return float(w.sum()) ** 2 / sq if sq > 0 else 0.0
-
-
-def pareto_khat(weights: Tensor) -> float:
-    r"""PSIS Pareto :math:`\hat k` of importance weights (ArviZ's ``psislw``).
-
-    Fits a generalised Pareto distribution to the largest weights; :math:`\hat k > 0.7` means the
-    weights' distribution is too heavy-tailed for the estimate to be trusted (Vehtari et al.).
-    ``arviz_stats``' ``psislw`` is written for leave-one-out and negates its input, so it gets
-    :math:`-\log w`. Returns NaN when there are too few weights for a tail fit (ArviZ needs at
-    least 5 tail draws: about 25 weights) and :math:`-\infty` when the largest weights are all
-    equal (a flat tail, no heavy tail to fit).
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> w = torch.rand(4000, generator=g, dtype=torch.float64) ** -0.9  # tail index 0.9
-        >>> 0.7 < pareto_khat(w) < 1.1
-        True
-    """
-    array_stats = require("arviz_stats.base", "the PSIS Pareto k-hat diagnostic").array_stats
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1).numpy()
-    if w.size == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise ValueError("pareto_khat needs finite, positive weights")
-    if np.all(w == w[0]):
-        return -math.inf
-    try:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            _, khat = array_stats.psislw(-np.log(w), r_eff=1.0)
-    except (ValueError, IndexError) as err:
-        if "same" in str(err):
-            return -math.inf
-        return math.nan
-    return float(khat)
-
-
-def diagnose_weights(
-    weights: Tensor, *, warn: bool = True, khat_threshold: float = 0.7
-) -> WeightDiagnostics:
-    """Kish ESS and Pareto k-hat of ``weights``; warns (:class:`ImportanceWeightWarning`) when
-    k-hat exceeds ``khat_threshold``.
-
-    Example:
-        >>> d = diagnose_weights(torch.ones(100))
-        >>> d.ess, d.khat
-        (100.0, -inf)
-    """
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    ess = kish_ess(w)
-    khat = pareto_khat(w)
-    if warn and khat > khat_threshold:
-        warnings.warn(
-            f"importance weights are unreliable: Pareto k-hat = {khat:.2f} > {khat_threshold} "
-            f"(ESS {ess:.1f} of {w.numel()}); increase smoothing or uniform_mix",
-            ImportanceWeightWarning,
-            stacklevel=2,
-        )
-    return WeightDiagnostics(ess, ess / max(w.numel(), 1), khat, w.numel())
-
-
-class TraceVariances(NamedTuple):
-    """Trace of the gradient-estimate covariance per single draw (divide by b for a batch)."""
-
-    uniform: float  # mean ||g||^2 - ||mu||^2
-    ideal: float  # (mean ||g||)^2 - ||mu||^2 (fresh norms)
-    design: float  # sum ||g||^2 / (N^2 q) - ||mu||^2 (the given q, e.g. stale + smoothed)
-
-
-def trace_variances(
-    norms: Tensor, probabilities: Tensor | None = None, mean_sq_norm: float = 0.0
-) -> TraceVariances:
-    r"""Alain et al.'s variance monitor: :math:`\operatorname{tr}\Sigma` per draw, three designs.
-
-    Args:
-        norms: fresh :math:`\lVert g_k\rVert` of the whole population, shape (N,).
-        probabilities: the design :math:`q` to evaluate (default uniform).
-        mean_sq_norm: :math:`\lVert\mu\rVert^2` of the full gradient (0 gives second moments).
-
-    Example:
-        >>> trace_variances(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]), 4.0)
-        TraceVariances(uniform=1.0, ideal=0.0, design=1.0)
-    """
-    g = torch.as_tensor(norms, dtype=torch.float64).reshape(-1)
-    n = g.numel()
-    q = torch.full_like(g, 1.0 / n) if probabilities is None else torch.as_tensor(probabilities)
-    q = q.to(torch.float64)
-    mu2 = float(mean_sq_norm)
-    return TraceVariances(
-        uniform=float(g.square().mean()) - mu2,
-        ideal=float(g.mean()) ** 2 - mu2,
-        design=float((g.square() / q).sum()) / n**2 - mu2,
-    )
 
 
 # --------------------------------------------------------------------------------------------
