@@ -74,6 +74,68 @@ def _check_hyper(
     )
 
 
+#: The values of ``implementation`` (:func:`scale_by_vsgd`).
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "ffi")
+
+_implementation_doc = r"""implementation: how each leaf's state update is computed.
+            ``"xla"``: the jnp code of this module (the readable reference). ``"ffi"``: one
+            fused C++ loop per leaf that updates μ, b_g and b_ĝ in place (an XLA FFI custom
+            call; CPU backend, float32 and float64 leaves, not with ``track_posterior``;
+            compiled on first use, see :mod:`probopt.jax._ffi_cpu`); a leaf it cannot handle
+            raises. ``"auto"``: ``"ffi"`` where it applies (traced on the CPU backend, the
+            kernel builds, the leaf and its gradient are float32 or float64,
+            ``track_posterior=False``; ``PROBOPT_NO_CPU_KERNELS=1`` switches it off), else
+            ``"xla"``. Why: XLA's CPU backend compiles the jnp code into one loop per output,
+            materialises the gain and copies the donated state buffers, about three times the
+            memory traffic of one fused pass; the ``jax-vsgd`` section of docs/benchmarks.md
+            has the measured step times. The two agree to rounding (1e-12 relative in float64
+            in the tests). (default: ``"auto"``)"""
+
+
+def _check_implementation(implementation: str, track_posterior: bool) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Invalid implementation: {implementation!r} (choose one of "
+            f"{', '.join(map(repr, IMPLEMENTATIONS))})"
+        )
+    if implementation == "ffi" and track_posterior:
+        raise ValueError(
+            "Invalid implementation: 'ffi' with track_posterior=True (the kernel does not "
+            "write σ² and β; use 'auto' or 'xla')"
+        )
+
+
+def _kernel_for(implementation: str, g: jax.Array, mu: jax.Array, track_posterior: bool) -> Any:
+    """The FFI kernel for this leaf, or None for the XLA path (decided at trace time)."""
+    if implementation == "xla" or track_posterior:
+        return None
+    fits = mu.dtype in (jnp.float32, jnp.float64) and g.dtype == mu.dtype
+    on_cpu = jax.default_backend() == "cpu"
+    if implementation == "auto" and not (fits and on_cpu):
+        return None
+    from probopt.jax._ffi_cpu import vsgd_kernel
+
+    kernel = vsgd_kernel()
+    if implementation == "ffi":
+        if not on_cpu:
+            raise RuntimeError(
+                f"implementation='ffi' runs on the CPU backend only (the default backend is "
+                f"{jax.default_backend()!r}); use 'auto' or 'xla'"
+            )
+        if not fits:
+            raise TypeError(
+                f"implementation='ffi' takes float32 and float64 leaves only (got a leaf of "
+                f"dtype {mu.dtype} with a gradient of dtype {g.dtype}); use 'auto' or 'xla'"
+            )
+        if kernel is None:
+            raise RuntimeError(
+                "implementation='ffi': the VSGD kernel could not be built (no C++ compiler, a "
+                "failed build or PROBOPT_NO_CPU_KERNELS=1; the log of probopt.jax._ffi_cpu says "
+                "which); use 'auto' or 'xla'"
+            )
+    return kernel
+
+
 def scale_by_vsgd(
     variance_ratio: float = 30.0,
     prior_strength: float = 1e-8,
@@ -83,6 +145,7 @@ def scale_by_vsgd(
     *,
     track_posterior: bool = False,
     nonfinite: str = "skip",
+    implementation: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescale updates by VSGD's posterior of the true gradient.
 
@@ -130,6 +193,7 @@ def scale_by_vsgd(
         eps: ε, added outside the square root. (default: 1e-8)
         track_posterior: also keep σ_t² and β_t in the state. (default: False)
         {nonfinite}
+        {implementation}
 
     Returns:
         A :class:`optax.GradientTransformationExtraArgs`; its state is
@@ -166,6 +230,7 @@ def scale_by_vsgd(
     k_g, gamma, kappa1, kappa2, eps = _check_hyper(
         variance_ratio, prior_strength, kappa1, kappa2, eps
     )
+    _check_implementation(implementation, track_posterior)
     a = _shape(gamma)
     v_g0, v_h0 = _first_step_variances(gamma, k_g)
     k0, sigma2_0 = v_g0 / (v_g0 + v_h0), v_g0 * v_h0 / (v_g0 + v_h0)
@@ -203,6 +268,15 @@ def scale_by_vsgd(
             dt = mu.dtype
             t = count.astype(dt)
             rho1, rho2 = t**-kappa1, t**-kappa2
+            kernel = _kernel_for(implementation, g, mu, track_posterior)
+            if kernel is not None:
+                # Note [probopt: the VSGD FFI kernel] (probopt/_kernels/vsgd_xla_ffi.cc): the
+                # lines below in one loop, in place on the state buffers.
+                scalars = [rho1, rho2, first, k0, sigma2_0, 1 / a, gamma, k_g * gamma, eps]
+                scalars = jnp.stack([jnp.asarray(x).astype(dt) for x in scalars])
+                for out, x in zip(outs, (*kernel(g, mu, b_g, b_h, scalars), None, None)):
+                    out.append(x)
+                continue
             ghat = g.astype(dt)
             # Note [probopt: the gain form]: with v = b/a the posterior update reads
             # k = v_g/(v_g + v_ĝ) = b_g/(b_g + b_ĝ), μ_t = μ_{t-1} + k r (r = ĝ − μ_{t-1}) and
@@ -247,6 +321,7 @@ def vsgd(
     mask: Any = None,
     track_posterior: bool = False,
     nonfinite: str = "skip",
+    implementation: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Variational stochastic gradient descent (VSGD), the optax optimizer.
 
@@ -263,8 +338,8 @@ def vsgd(
 
     Args:
         learning_rate: η, a number or an optax schedule. (default: 0.1)
-        variance_ratio, prior_strength, kappa1, kappa2, eps, track_posterior: as in
-            :func:`scale_by_vsgd`.
+        variance_ratio, prior_strength, kappa1, kappa2, eps, track_posterior,
+            implementation: as in :func:`scale_by_vsgd`.
         weight_decay: λ, decoupled (AdamW-style) weight decay. (default: 0)
         mask: which leaves weight decay applies to, as in ``optax.adamw``. (default: all)
         {nonfinite}
@@ -302,7 +377,7 @@ def vsgd(
     tx = optax.chain(
         scale_by_vsgd(
             variance_ratio, prior_strength, kappa1, kappa2, eps,
-            track_posterior=track_posterior, nonfinite="ignore",
+            track_posterior=track_posterior, nonfinite="ignore", implementation=implementation,
         ),
         decay,
         optax.scale_by_learning_rate(learning_rate),
@@ -311,4 +386,6 @@ def vsgd(
 
 
 for _f in (scale_by_vsgd, vsgd):
-    _f.__doc__ = _f.__doc__.replace("{nonfinite}", _nonfinite_doc)
+    _f.__doc__ = _f.__doc__.replace("{nonfinite}", _nonfinite_doc).replace(
+        "{implementation}", _implementation_doc
+    )
