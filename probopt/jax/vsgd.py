@@ -282,7 +282,8 @@ def scale_by_vsgd(
             # k = v_g/(v_g + v_ĝ) = b_g/(b_g + b_ĝ), μ_t = μ_{t-1} + k r (r = ĝ − μ_{t-1}) and
             # σ_t² = k b_ĝ / a: one division per element instead of five (the same algebra as
             # torch's foreach path). On CPU, XLA still materialises k and copies μ and b_ĝ
-            # before the donated buffers are overwritten (measured in bench_jax_vsgd.py).
+            # before the donated buffers are overwritten (measured in bench_jax_vsgd.py), which
+            # is why "auto" takes the FFI kernel above there.
             k = jnp.where(first, jnp.asarray(k0, dt), b_g / (b_g + b_h))
             sigma2 = jnp.where(first, jnp.asarray(sigma2_0, dt), k * b_h * (1 / a))
             r = ghat - mu
