@@ -5,8 +5,8 @@
    ``--arrays`` equal arrays, for ``optax.adam``, ``probopt.jax.vsgd`` with its fused FFI kernel
    (``implementation="auto"`` on CPU) and with its XLA path (``implementation="xla"``), each
    with the default ``"skip"`` non-finite policy and with ``nonfinite="ignore"``, the kernel
-   with the state not donated, the kernel under a ``lax.cond`` on ``all_finite(g)`` (a sketch
-   of a cheaper skip, not the library's code), and ``probopt.jax.constant_vsgd``. Rounds of
+   with the state not donated, the kernel with ``"skip"`` in the select form it takes off CPU,
+   and ``probopt.jax.constant_vsgd``. Rounds of
    ``--steps-per-round`` steps are interleaved between the optimizers (this machine is shared
    and noisy); the table gives the median time per step and its ratio to Adam's, both measured
    in this run.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section  # noqa: E402
 
 import probopt.jax as pj  # noqa: E402
-from probopt.jax._base import all_finite  # noqa: E402
+from probopt.jax import _base as jax_base  # noqa: E402
 from probopt.jax._ffi_cpu import vsgd_kernel  # noqa: E402
 
 
@@ -50,18 +50,21 @@ def make_step(tx, donate=(0, 1)):
     return jax.jit(step, donate_argnums=donate)
 
 
-def make_cond_step(tx, donate=(0, 1)):
-    """The step under ``lax.cond(all_finite(g), step, identity)``: a sketch of a non-finite skip
-    that needs no copy of in-place-updated state (not what ``nonfinite="skip"`` does)."""
+def make_select_step(tx, donate=(0, 1)):
+    """The step with ``nonfinite="skip"`` in its select form (``jnp.where`` between the new and
+    the old state, what the policy does off CPU), traced with the switch of
+    ``probopt.jax._base`` turned off."""
+    step = make_step(tx, donate)
 
-    def step(params, state, grads):
-        def update(params, state):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+    def call(*args):
+        saved = jax_base._skip_by_cond
+        jax_base._skip_by_cond = lambda: False
+        try:
+            return step(*args)
+        finally:
+            jax_base._skip_by_cond = saved
 
-        return jax.lax.cond(all_finite(grads), update, lambda *a: a, params, state)
-
-    return jax.jit(step, donate_argnums=donate)
+    return call
 
 
 def per_step(num_params, num_arrays, rounds, steps_per_round):
@@ -80,8 +83,8 @@ def per_step(num_params, num_arrays, rounds, steps_per_round):
             pj.vsgd(1e-3, **xla, **ignore), (0, 1), make_step,
         ),
         f"probopt.jax.vsgd ({kernel}), state not donated": (pj.vsgd(1e-3), (0,), make_step),
-        f'vsgd(nonfinite="ignore") ({kernel}) in lax.cond(all_finite(g))': (
-            pj.vsgd(1e-3, **ignore), (0, 1), make_cond_step,
+        f'probopt.jax.vsgd ({kernel}), skip by select (the off-CPU form)': (
+            pj.vsgd(1e-3), (0, 1), make_select_step,
         ),
         "probopt.jax.constant_vsgd": (pj.constant_vsgd(1e-3), (0, 1), make_step),
     }  # fmt: skip
@@ -239,13 +242,14 @@ XLA's fused `θ − η u`, 11 in all (11/7 = 1.57× Adam's ideal) and a temporar
 `scale_by_vsgd` still returns u to the rest of the optax chain. Kernel with `"ignore"`:
 {ms[2]} ms against {ms[4]} ms for the XLA path and {ms[0]} ms for Adam.
 
-`nonfinite="skip"` selects, leaf by leaf, between the new state and the state before the step
-(`jnp.where`); with an in-place kernel XLA must first copy every state buffer to keep the old
-one, which costs {round(ms[1] - ms[2], 2)} ms per step here ({ms[1]} against {ms[2]} ms), so
-the default `probopt.jax.vsgd` (kernel and `"skip"`) takes {ms[1]} ms against {ms[3]} ms for the
-XLA path with `"skip"`. The same kernel under `lax.cond(all_finite(g), step, identity)` needs no
-copy: {ms[6]} ms. The GPU backend fuses multi-output loops differently and the kernel is CPU
-only; the H100 figure needs a GPU run.
+`nonfinite="skip"` on CPU runs the inner update under `lax.cond(all_finite(g), update,
+skip)` (`probopt/jax/_base.py`, Note [probopt: skip by cond on CPU]), so the kernel's state
+stays in place: the default `probopt.jax.vsgd` takes {ms[1]} ms against {ms[2]} ms with
+`"ignore"`. The select form of the policy (`jnp.where` between the new and the old state, used
+off CPU, where a conditional reads its predicate back to the host) keeps the old state alive
+past the in-place update, so XLA copies every state buffer first: {ms[6]} ms. The GPU backend
+fuses multi-output loops differently and the kernel is CPU only; the H100 figure needs a GPU
+run.
 
 NumPyro SVI, Bayesian multinomial logistic regression on digits (650 latent weights,
 `AutoNormal`, `Trace_ELBO`, {args.svi_steps} steps in one `lax.scan`, the same learning rates

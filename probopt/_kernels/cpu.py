@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["all_finite_cpu", "cache_dir", "load", "parallel_chunks"]
+__all__ = ["all_finite_cpu", "build_shared", "cache_dir", "load", "parallel_chunks"]
 
 _log = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent
@@ -57,6 +57,54 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+def build_shared(
+    source: Path, compiler: str, flags: list[str], *, extra_key: str = "", libs: tuple = ()
+) -> Path | None:
+    """Compile ``source`` into a shared library in the cache, once per key; its path or None.
+
+    The key hashes the source text, the compiler and its version, the flags, ``extra_key`` and
+    the machine's CPU flags (``-march=native``). The first writable folder of ``cache_dir()``
+    and a temporary one is used; the library is written to a temporary name and renamed, so
+    concurrent processes never load half a file. Failures are logged and give None.
+    """
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join(
+                [source.read_text(), compiler, version, " ".join(flags), extra_key,
+                 _cpu_signature()]
+            ).encode()
+        ).hexdigest()[:16]  # fmt: skip
+        for folder in (cache_dir(), Path(tempfile.gettempdir()) / "probopt-cache"):
+            target = folder / f"{source.stem}-{key}.so"
+            if target.is_file():
+                return target
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+                os.close(fd)
+            except OSError:
+                continue  # folder not writable: try the next one
+            try:
+                subprocess.run(
+                    [compiler, *flags, "-o", tmp, str(source), *libs],
+                    check=True, capture_output=True, text=True, timeout=300,
+                )  # fmt: skip
+                os.replace(tmp, target)  # atomic: concurrent processes never see half a file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return target
+    except subprocess.CalledProcessError as err:
+        _log.warning("probopt: compiling %s failed; its kernel is disabled:\n%s",
+                     source.name, err.stderr)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as err:
+        _log.warning("probopt: building %s failed (%s); its kernel is disabled", source.name, err)
+    return None
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """Compile (once) and load ``probopt/_kernels/<name>.c``; None when that is not possible."""
@@ -67,34 +115,12 @@ def load(name: str) -> ctypes.CDLL | None:
     if cc is None or not source.is_file():
         _log.info("probopt: no C compiler found; CPU kernels disabled")
         return None
+    target = build_shared(source, cc, _FLAGS, libs=("-lm",))
     try:
-        version = subprocess.run(
-            [cc, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-        key = hashlib.sha256(
-            "\0".join(
-                [source.read_text(), cc, version, " ".join(_FLAGS), _cpu_signature()]
-            ).encode()
-        ).hexdigest()[:16]
-        for folder in (cache_dir(), Path(tempfile.gettempdir()) / "probopt-cache"):
-            target = folder / f"{name}-{key}.so"
-            if target.is_file():
-                return ctypes.CDLL(str(target))
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-                subprocess.run(
-                    [cc, *_FLAGS, "-o", tmp, str(source), "-lm"],
-                    check=True, capture_output=True, timeout=120,
-                )  # fmt: skip
-                os.replace(tmp, target)  # atomic: concurrent processes never see half a file
-                return ctypes.CDLL(str(target))
-            except OSError:
-                continue  # folder not writable: try the next one
-    except (OSError, subprocess.SubprocessError) as err:
-        _log.info("probopt: compiling %s failed (%s); CPU kernels disabled", name, err)
-    return None
+        return None if target is None else ctypes.CDLL(str(target))
+    except OSError as err:
+        _log.warning("probopt: loading %s failed (%s); CPU kernels disabled", target, err)
+        return None
 
 
 @functools.cache

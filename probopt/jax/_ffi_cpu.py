@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jaxlib
 
-from probopt._kernels.cpu import _cpu_signature, cache_dir
+from probopt._kernels.cpu import build_shared
 
 __all__ = ["TARGET", "vsgd_kernel"]
 
@@ -49,46 +46,8 @@ def _build() -> Path | None:
     if cxx is None:
         _log.info("probopt: no C++ compiler found; the JAX VSGD kernel is disabled")
         return None
-    include = jax.ffi.include_dir()
-    flags = [*_FLAGS, "-isystem", include]
-    try:
-        version = subprocess.run(
-            [cxx, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-        key = hashlib.sha256(
-            "\0".join(
-                [_SOURCE.read_text(), cxx, version, " ".join(_FLAGS), jaxlib.__version__,
-                 _cpu_signature()]
-            ).encode()
-        ).hexdigest()[:16]  # fmt: skip
-        for folder in (cache_dir(), Path(tempfile.gettempdir()) / "probopt-cache"):
-            target = folder / f"vsgd_xla_ffi-{key}.so"
-            if target.is_file():
-                return target
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-            except OSError:
-                continue  # folder not writable: try the next one
-            try:
-                subprocess.run(
-                    [cxx, *flags, "-o", tmp, str(_SOURCE)],
-                    check=True, capture_output=True, text=True, timeout=300,
-                )  # fmt: skip
-                os.replace(tmp, target)  # atomic: concurrent processes never see half a file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return target
-    except subprocess.CalledProcessError as err:
-        _log.warning(
-            "probopt: compiling %s failed; the JAX VSGD kernel is disabled:\n%s",
-            _SOURCE.name, err.stderr,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError) as err:
-        _log.warning("probopt: building the JAX VSGD kernel failed (%s); it is disabled", err)
-    return None
+    flags = [*_FLAGS, "-isystem", jax.ffi.include_dir()]
+    return build_shared(_SOURCE, cxx, flags, extra_key=jaxlib.__version__)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from optax.tree_utils import tree_get  # noqa: E402
 
 import probopt.jax as pj  # noqa: E402
+from probopt.jax import _base as jax_base  # noqa: E402
 from probopt.optim import VSGD, ConstantVSGD  # noqa: E402
 
 SHAPES = [(5, 3), (7,), (2, 2, 2), (), (300,)]
@@ -138,9 +139,17 @@ def test_constant_vsgd_matches_torch_float32():
         _close(leaf, s["mu"], rtol=1e-5, atol=1e-6)
 
 
-def test_skip_policy_matches_torch_skip(x64):
+@pytest.fixture(params=["cond", "select"])
+def skip_form(request, monkeypatch):
+    """Both forms of the skip policy: lax.cond (used on CPU) and jnp.where (on accelerators)."""
+    monkeypatch.setattr(jax_base, "_skip_by_cond", lambda: request.param == "cond")
+    return request.param
+
+
+def test_skip_policy_matches_torch_skip(x64, skip_form):
     """A NaN at step 3: nothing changes at that step (parameters, μ, b, count), the skip is
-    counted, and the run then goes on exactly as torch's nonfinite="skip" (1e-10)."""
+    counted, and the run then goes on exactly as torch's nonfinite="skip" (1e-10); with the
+    conditional and with the select."""
     stream = _stream(nan_at=3)
     ref, ref_state, opt = _torch_run(VSGD, stream, weight_decay=0.05)
     params, state = _jax_run(pj.vsgd(weight_decay=0.05), stream)
@@ -153,7 +162,7 @@ def test_skip_policy_matches_torch_skip(x64):
         _close(leaf, s["mu"], rtol=1e-10, atol=1e-14)
 
 
-def test_skip_leaves_params_and_state_bitwise_unchanged():
+def test_skip_leaves_params_and_state_bitwise_unchanged(skip_form):
     tx = pj.vsgd(weight_decay=0.1)
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     state = tx.init(params)
