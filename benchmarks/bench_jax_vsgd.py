@@ -245,11 +245,13 @@ XLA's fused `θ − η u`, 11 in all (11/7 = 1.57× Adam's ideal) and a temporar
 `nonfinite="skip"` on CPU runs the inner update under `lax.cond(all_finite(g), update,
 skip)` (`probopt/jax/_base.py`, Note [probopt: skip by cond on CPU]), so the kernel's state
 stays in place: the default `probopt.jax.vsgd` takes {ms[1]} ms against {ms[2]} ms with
-`"ignore"`. The select form of the policy (`jnp.where` between the new and the old state, used
-off CPU, where a conditional reads its predicate back to the host) keeps the old state alive
-past the in-place update, so XLA copies every state buffer first: {ms[6]} ms. The GPU backend
-fuses multi-output loops differently and the kernel is CPU only; the H100 figure needs a GPU
-run.
+`"ignore"`. The difference is the finiteness check (one more pass over g) and the conditional
+boundary: XLA does not fuse across it, so the update −η u is written out by the branch and
+read back by `apply_updates` (two more passes). The select form of the policy (`jnp.where`
+between the new and the old state, used off CPU, where a conditional reads its predicate back
+to the host) keeps the old state alive past the in-place update, so XLA copies every state
+buffer first: {ms[6]} ms. The GPU backend fuses multi-output loops differently and the kernel
+is CPU only; the H100 figure needs a GPU run.
 
 NumPyro SVI, Bayesian multinomial logistic regression on digits (650 latent weights,
 `AutoNormal`, `Trace_ELBO`, {args.svi_steps} steps in one `lax.scan`, the same learning rates
