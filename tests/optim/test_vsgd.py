@@ -438,3 +438,33 @@ def test_triton_kernel_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_noisy_gradients_give_near_sign_steps_not_snr_scaled_ones():
+    """A property of VSGD's step (docs/algorithms/vsgd.md, "Noisy gradients"): for i.i.d.
+    gradients N(m, 1), σ_t² is the posterior variance of the *drift* of the true gradient, not
+    the observation noise, so once μ_t has averaged the noise away the step μ/√(μ² + σ²) is close
+    to sign(m), whereas Adam's m/√v scales with the signal-to-noise ratio. Measured over steps
+    1000-1999 (lr 1, 5000 coordinates, float64): mean step 0.85 (VSGD) and 0.10 (Adam) at
+    m = 0.1, 0.40 and 0.03 at m = 0.03, |step| < 0.005 at m = 0."""
+
+    def mean_step(make, m):
+        p = torch.nn.Parameter(torch.zeros(5000, dtype=torch.float64))
+        opt, g, total = make(p), torch.Generator().manual_seed(0), 0.0
+        for t in range(2000):
+            before = p.detach().clone()
+            p.grad = m + torch.randn(5000, generator=g, dtype=torch.float64)
+            opt.step()
+            if t >= 1000:
+                total += float((before - p.detach()).mean())
+        return total / 1000
+
+    def vsgd(p):
+        return VSGD([p], lr=1.0)
+
+    def adam(p):
+        return torch.optim.Adam([p], lr=1.0)
+
+    assert mean_step(vsgd, 0.1) > 0.75 and abs(mean_step(adam, 0.1) - 0.1) < 0.02
+    assert mean_step(vsgd, 0.03) > 0.3 and abs(mean_step(adam, 0.03) - 0.03) < 0.02
+    assert abs(mean_step(vsgd, 0.0)) < 0.005
