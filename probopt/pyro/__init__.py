@@ -4,6 +4,6 @@
 >>> optim = probopt.pyro.VSGD({"lr": 0.05})   # use as pyro.infer.SVI(model, guide, optim, loss)
 """
 
-from probopt.pyro.optim import VSGD, ConstantVSGD
+from probopt.pyro.optim import VSGD, ConstantVSGD, GradQueue
 
-__all__ = ["ConstantVSGD", "VSGD"]
+__all__ = ["ConstantVSGD", "GradQueue", "VSGD"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from probopt._optional import require
 
-__all__ = ["ConstantVSGD", "VSGD"]
+__all__ = ["ConstantVSGD", "GradQueue", "VSGD"]
 
 OptimArgs = dict[str, Any] | Callable[[str], dict[str, Any]]
 
@@ -53,3 +53,47 @@ def ConstantVSGD(optim_args: OptimArgs, clip_args: dict[str, float] | None = Non
     from probopt.optim import ConstantVSGD as _ConstantVSGD
 
     return _pyro_optim(_ConstantVSGD, optim_args, clip_args)
+
+
+def _grad_queue(
+    params: Any,
+    optimizer: Callable[..., Any] | None = None,
+    optimizer_args: dict[str, Any] | None = None,
+    **grad_queue_args: Any,
+) -> Any:
+    """One :class:`probopt.optim.GradQueue` around ``optimizer(params, **optimizer_args)``."""
+    import torch
+
+    from probopt.optim import GradQueue as _GradQueue
+
+    inner = (torch.optim.SGD if optimizer is None else optimizer)(params, **(optimizer_args or {}))
+    return _GradQueue(inner, **grad_queue_args)
+
+
+def GradQueue(optim_args: OptimArgs, clip_args: dict[str, float] | None = None) -> Any:  # noqa: N802
+    """:class:`probopt.optim.GradQueue` around a torch optimizer, as a Pyro optimizer.
+
+    Args:
+        optim_args: a dict (or a callable from parameter name to a dict) with ``optimizer``, the
+            inner torch optimizer class (default ``torch.optim.SGD``), ``optimizer_args``, its
+            keyword arguments (``{"lr": ...}``), and any keyword argument of
+            :class:`probopt.optim.GradQueue` (``q_min``, ``amplification``, ...).
+        clip_args: Pyro's gradient clipping arguments (``clip_norm`` or ``clip_value``).
+
+    .. note:: ``pyro.infer.SVI`` steps its optimizers without the loss, so the loss-driven queue
+        length stays at ``queue_length`` (use ``length_rule="fixed"`` to say so explicitly).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, torch
+        >>> from pyro.infer import SVI, Trace_ELBO
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(1.0))
+        >>> def guide():
+        ...     pyro.param("loc", torch.tensor(0.0))
+        >>> pyro.clear_param_store()
+        >>> optim = GradQueue({"optimizer_args": {"lr": 0.01}, "length_rule": "fixed"})
+        >>> svi = SVI(model, guide, optim, loss=Trace_ELBO())
+        >>> svi.step()
+        1.4189...
+    """
+    return _pyro_optim(_grad_queue, optim_args, clip_args)
