@@ -86,14 +86,16 @@ def GradQueue(optim_args: OptimArgs, clip_args: dict[str, float] | None = None) 
     Example:
         >>> import pyro, pyro.distributions as dist, torch
         >>> from pyro.infer import SVI, Trace_ELBO
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(0.0, 1.0), obs=torch.tensor(1.0))
-        >>> def guide():
-        ...     pyro.param("loc", torch.tensor(0.0))
+        >>> def regression(x, y):  # maximum likelihood: a model with a parameter, no guide
+        ...     w = pyro.param("w", torch.zeros(2))
+        ...     pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
         >>> pyro.clear_param_store()
-        >>> optim = GradQueue({"optimizer_args": {"lr": 0.01}, "length_rule": "fixed"})
-        >>> svi = SVI(model, guide, optim, loss=Trace_ELBO())
-        >>> svi.step()
-        1.4189...
+        >>> optim = GradQueue({"optimizer": torch.optim.Adam, "optimizer_args": {"lr": 0.01},
+        ...                    "length_rule": "fixed"})
+        >>> svi = SVI(regression, lambda x, y: None, optim, loss=Trace_ELBO())
+        >>> x, y = torch.tensor([[1.0, 2.0], [0.5, -1.0]]), torch.tensor([1.0, 0.0])
+        >>> losses = [svi.step(x, y) for _ in range(5)]
+        >>> losses[-1] < losses[0], sorted(optim.get_state())
+        (True, ['w'])
     """
     return _pyro_optim(_grad_queue, optim_args, clip_args)
