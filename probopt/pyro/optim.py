@@ -88,7 +88,7 @@ def GradQueue(optim_args: OptimArgs, clip_args: dict[str, float] | None = None) 
         >>> from pyro.infer import SVI, Trace_ELBO
         >>> def regression(x, y):  # maximum likelihood: a model with a parameter, no guide
         ...     w = pyro.param("w", torch.zeros(2))
-        ...     pyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
+        ...     pyro.sample("y", dist.Normal(x @ w, 1.0).to_event(1), obs=y)
         >>> pyro.clear_param_store()
         >>> optim = GradQueue({"optimizer": torch.optim.Adam, "optimizer_args": {"lr": 0.01},
         ...                    "length_rule": "fixed"})
