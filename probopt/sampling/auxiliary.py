@@ -714,6 +714,7 @@ class GradientFactorTable:
         *,
         old_batch_sums: dict[str, tuple[Tensor, Tensor]] | None = None,
         new_batch_sums: dict[str, tuple[Tensor, Tensor]] | None = None,
+        new_scale: float = 1.0,
     ) -> None:
         """Overwrite the batch rows with fresh factors ``{layer: (a, delta)}``.
 
@@ -722,7 +723,9 @@ class GradientFactorTable:
             factors: the new ``(a, delta)`` per layer.
             old_batch_sums: the old rows' sums ``(sum delta a^T, sum delta)`` if the caller has
                 them already (saves one matrix product per layer).
-            new_batch_sums: the same for the new rows.
+            new_batch_sums: the same for the new rows, times ``1/new_scale`` (the weight
+                gradient of a mean loss is the rows' sum over n: pass it with ``new_scale=n``).
+            new_scale: the factor of the weight sums in ``new_batch_sums``.
         """
         for layer, (a, d) in factors.items():
             if old_batch_sums is not None and layer in old_batch_sums:
@@ -732,12 +735,14 @@ class GradientFactorTable:
                 old_w, old_b = d_old.T @ a_old, d_old.sum(0)
             a = a.to(self.sum_w[layer].dtype)
             d = d.to(self.sum_w[layer].dtype)
+            scale = 1.0
             if new_batch_sums is not None and layer in new_batch_sums:
                 new_w, new_b = new_batch_sums[layer]
+                scale = new_scale
             else:
                 new_w, new_b = d.T @ a, d.sum(0)
-            self.sum_w[layer] += new_w - old_w
-            self.sum_b[layer] += new_b - old_b
+            self.sum_w[layer].add_(new_w, alpha=scale).sub_(old_w)
+            self.sum_b[layer].add_(new_b).sub_(old_b)
             if layer not in self.static:
                 self.inputs[layer][index] = a
             self.deltas[layer][index] = d

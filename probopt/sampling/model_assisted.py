@@ -577,43 +577,46 @@ class CachedGradientEstimator(GradientEstimator):
     ) -> Tensor:
         n = x.shape[0]
         big_n = self.population_size
-        modules = dict(model.named_modules())
+        cap = self._capture(model)
+        layers = cap.layers
         # a weight whose .grad is None before the backward holds exactly the batch mean after
         # it, which saves recomputing sum_s delta_k a_k^T
-        fresh_grad = {k: modules[k].weight.grad is None for k in self._layers}
-        with self._capture(model) as cap:
-            losses = loss_fn(model(x), y)
-            losses.mean().backward()
+        fresh_grad = {k: layers[k].weight.grad is None for k in self._layers}
+        with cap:
+            loss = loss_fn(model(x), y).mean()
+            loss.backward()
         fit = self.fixed_coef is None and self.steps % self.coef_every == 0
         table = self.table
         for lname in self._layers:
-            layer = modules[lname]
+            layer = layers[lname]
             a, gz = cap.factors[lname]
             d = gz * n  # per-example output gradients of the mean loss
             # a layer fed by the network input: the batch's own rows are the cached ones (the
             # GradientEstimator contract: x is x_train[index])
             a_old, d_old = table.rows(lname, index, a if lname in self._static else None)
             old_w, old_b = d_old.T @ a_old, d_old.sum(0)
-            if fresh_grad[lname] and layer.weight.grad is not None:
-                new_w = layer.weight.grad * n
-            else:
-                new_w = d.T @ a
             new_b = d.sum(0)
             # correction beta (T/N - old/n) = (beta/N) (T - (N/n) old), with the table and beta
-            # as they were before this batch
+            # as they were before this batch (taken before the table and beta are updated)
             scale = self.coef[lname] / big_n
-            if self._has[lname]:
-                layer.weight.grad.addcmul_(torch.add(table.sum_w[lname], old_w, alpha=-big_n / n),
-                                           scale)  # fmt: skip
-            if self._bias[lname]:
-                layer.bias.grad.addcmul_(torch.add(table.sum_b[lname], old_b, alpha=-big_n / n),
-                                         scale)  # fmt: skip
-            if fit:  # after use: beta never sees the batch it corrects
-                self._update_coef(lname, n, (a, d, new_w, new_b), (a_old, d_old, old_w, old_b))
+            t_w, t_b, shift = table.sum_w[lname], table.sum_b[lname], -big_n / n
+            corr_w = torch.add(t_w, old_w, alpha=shift) if self._has[lname] else None
+            corr_b = torch.add(t_b, old_b, alpha=shift) if self._bias[lname] else None
+            # the batch's own sum of delta a^T: the weight gradient times n when .grad was None
+            # before the backward (and has no correction yet), else one product
+            from_grad = fresh_grad[lname] and layer.weight.grad is not None
+            new_w, new_scale = (layer.weight.grad, float(n)) if from_grad else (d.T @ a, 1.0)
+            if fit:  # after the correction was taken: beta never sees the batch it corrects
+                self._update_coef(lname, n, (a, d, new_w * new_scale, new_b),
+                                  (a_old, d_old, old_w, old_b))  # fmt: skip
             table.write(index, {lname: (a, d)}, old_batch_sums={lname: (old_w, old_b)},
-                        new_batch_sums={lname: (new_w, new_b)})  # fmt: skip
+                        new_batch_sums={lname: (new_w, new_b)}, new_scale=new_scale)  # fmt: skip
+            if corr_w is not None:
+                layer.weight.grad.addcmul_(corr_w, scale)
+            if corr_b is not None:
+                layer.bias.grad.addcmul_(corr_b, scale)
         self.steps += 1
-        return losses.mean().detach()
+        return loss.detach()
 
     def _update_coef(
         self, lname: str, n: int, new: tuple[Tensor, ...], old: tuple[Tensor, ...]
