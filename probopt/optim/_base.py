@@ -19,6 +19,7 @@ __all__ = [
     "check_lr",
     "check_nonfinite",
     "check_positive",
+    "check_state_dict",
 ]
 
 NonFinitePolicy = Literal["skip", "raise", "ignore"]
@@ -108,6 +109,74 @@ def check_finite_grads(
         )
     optimizer.num_skipped_steps = getattr(optimizer, "num_skipped_steps", 0) + 1
     return False
+
+
+def check_state_dict(
+    optimizer: torch.optim.Optimizer,
+    state_dict: object,
+    *,
+    required: Sequence[str],
+    nonnegative: Sequence[str] = (),
+    flat: Sequence[str] = (),
+) -> dict[int, Tensor]:
+    """Check a saved optimizer state against ``optimizer`` before anything is loaded.
+
+    torch's ``Optimizer.load_state_dict`` checks the number and sizes of the parameter groups
+    only: a state tensor of the wrong shape would be read (and, by the fused kernels, written)
+    out of bounds at the next step, and a missing key or a NaN would fail or spread only then.
+    Checked here, each with a ``ValueError`` that names the parameter and the key: the dict's
+    layout, the groups' sizes, state only for listed parameters, every ``required`` key present,
+    per-coordinate tensors shaped like their parameter (the ``flat`` keys: flattened), every
+    value finite, ``step`` a non-negative count, the ``nonnegative`` keys (Gamma rates,
+    variances) ``>= 0``.
+
+    Returns:
+        The map from saved parameter ids to this optimizer's parameters.
+    """
+    name = type(optimizer).__name__
+    if not (isinstance(state_dict, dict) and {"state", "param_groups"} <= set(state_dict)):
+        raise ValueError(
+            f"{name}.load_state_dict expects the dict of state_dict(), with keys 'state' and "
+            "'param_groups'"
+        )
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+        len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, optimizer.param_groups)
+    ):
+        raise ValueError(
+            f"{name}: the saved parameter groups have sizes "
+            f"{[len(g['params']) for g in saved_groups]}, this optimizer's "
+            f"{[len(g['params']) for g in optimizer.param_groups]}"
+        )
+    id_map = {
+        i: p
+        for saved, group in zip(saved_groups, optimizer.param_groups)
+        for i, p in zip(saved["params"], group["params"])
+    }
+    for pid, state in state_dict["state"].items():
+        if pid not in id_map:
+            raise ValueError(f"{name}: state for parameter {pid!r}, which no parameter group lists")
+        param = id_map[pid]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"{name}: the state of parameter {pid} lacks {missing}")
+        for key, value in state.items():
+            where = f"{name}: state {key!r} of parameter {pid}"
+            if key == "step":
+                step = float(value)
+                if not (math.isfinite(step) and step >= 0 and step == int(step)):
+                    raise ValueError(f"{where} is {step!r}, not a step count")
+                continue
+            if not isinstance(value, Tensor):
+                continue
+            want = (param.numel(),) if key in flat else tuple(param.shape)
+            if tuple(value.shape) != want:
+                raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {want}")
+            if value.is_floating_point() and not bool(value.isfinite().all()):
+                raise ValueError(f"{where} holds NaN or Inf")
+            if key in nonnegative and bool((value < 0).any()):
+                raise ValueError(f"{where} has negative entries (it must be >= 0)")
+    return id_map
 
 
 # --------------------------------------------------------------------------------------------

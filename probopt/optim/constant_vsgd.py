@@ -15,6 +15,7 @@ from probopt.optim._base import (
     check_lr,
     check_nonfinite,
     check_positive,
+    check_state_dict,
 )
 
 __all__ = ["ConstantVSGD", "constant_vsgd"]
@@ -53,6 +54,12 @@ class ConstantVSGD(torch.optim.Optimizer):
             group.setdefault("nonfinite", "skip")
             group.setdefault("foreach", None)
         self.__dict__.setdefault("num_skipped_steps", 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, checked first (nothing changes on error;
+        :func:`~probopt.optim._base.check_state_dict` lists the checks)."""
+        check_state_dict(self, state_dict, required=("step", "mu"))
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -26,6 +26,7 @@ from probopt.optim._base import (
     check_lr,
     check_nonfinite,
     check_positive,
+    check_state_dict,
 )
 
 __all__ = ["GradientModelOptimizer", "RULES"]
@@ -249,6 +250,13 @@ class GradientModelOptimizer(torch.optim.Optimizer):
                 direction = self.rule(mean, variance, group["eps"]).view_as(p)
                 p.add_(direction.to(p.dtype), alpha=-group["lr"])
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, checked first (nothing changes on error;
+        :func:`~probopt.optim._base.check_state_dict` lists the checks)."""
+        check_state_dict(self, state_dict, required=("step", "prev_mean", "param_store"),
+                         nonnegative=("variance",), flat=("prev_mean",))  # fmt: skip
+        super().load_state_dict(state_dict)
 
     def posterior(self, param: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean and variance of the true gradient of ``param`` after its last step."""

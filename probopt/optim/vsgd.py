@@ -24,6 +24,7 @@ from probopt.optim._base import (
     check_lr,
     check_nonfinite,
     check_positive,
+    check_state_dict,
 )
 
 __all__ = ["VSGD", "VSGDPosterior", "vsgd", "JITTER"]
@@ -129,6 +130,32 @@ class VSGD(torch.optim.Optimizer):
             group.setdefault("fused", None)
         self.__dict__.setdefault("num_skipped_steps", 0)
         self.__dict__.setdefault("_scratch", {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, checked first (nothing changes on error).
+
+        Raises:
+            ValueError: the dict does not fit these parameters (group sizes, a missing key, a
+                state tensor of another shape, NaN or Inf, a negative Gamma rate, a bad step
+                count; :func:`~probopt.optim._base.check_state_dict`).
+        """
+        id_map = check_state_dict(
+            self, state_dict, required=("step", "mu", "b_g", "b_ghat"),
+            nonnegative=("b_g", "b_ghat", "variance", "beta"),
+        )  # fmt: skip
+        # torch casts every state tensor to its parameter's dtype; the state of a float16 or
+        # bfloat16 parameter is float32 (see _init_group), so it is put back from the saved
+        # values, not from their rounded copies
+        wide = {
+            pid: {k: v for k, v in s.items() if k != "step" and isinstance(v, Tensor)}
+            for pid, s in state_dict["state"].items()
+            if id_map[pid].dtype in (torch.float16, torch.bfloat16)
+        }
+        super().load_state_dict(state_dict)
+        for pid, saved in wide.items():
+            p = id_map[pid]
+            for k, v in saved.items():
+                self.state[p][k] = v.detach().to(device=p.device, dtype=torch.float32).clone()
 
     def _init_group(self, group: dict[str, Any], lists: dict[str, list[Tensor]]) -> None:
         for p in group["params"]:

@@ -53,6 +53,20 @@ def test_state_dict_round_trip():
         assert torch.equal(p, q)
 
 
+def test_corrupted_checkpoint_is_rejected_and_changes_nothing():
+    ps, opt = _run(True)
+    saved = copy.deepcopy(opt.state_dict())
+    wrong_shape, no_mu = copy.deepcopy(saved), copy.deepcopy(saved)
+    wrong_shape["state"][2]["mu"] = torch.zeros(8, dtype=torch.float64)
+    del no_mu["state"][1]["mu"]
+    with pytest.raises(ValueError, match="'mu' of parameter 2 has shape \\(8,\\)"):
+        opt.load_state_dict(wrong_shape)
+    with pytest.raises(ValueError, match="parameter 1 lacks \\['mu'\\]"):
+        opt.load_state_dict(no_mu)
+    for pid, state in saved["state"].items():
+        assert torch.equal(opt.state_dict()["state"][pid]["mu"], state["mu"])
+
+
 @pytest.mark.parametrize(
     "kw,msg",
     [(dict(variance_ratio=-1.0), "Invalid variance_ratio"),

@@ -82,6 +82,14 @@ def test_state_dict_round_trip_and_rules():
     store = other.state[y]["param_store"]["params"]
     assert set(store) >= {"w_g_shape", "w_g_rate", "w_ghat_shape", "w_ghat_rate"}
     assert int(other.state[y]["step"]) == 1
+    bad = copy.deepcopy(saved)
+    bad["state"][0]["prev_mean"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="'prev_mean' of parameter 0 has shape \\(2,\\)"):
+        other.load_state_dict(bad)
+    del bad["state"][0]["param_store"]
+    with pytest.raises(ValueError, match="lacks \\['param_store'\\]"):
+        other.load_state_dict(bad)
+    assert int(other.state[y]["step"]) == 1 and other.state[y]["prev_mean"].shape == (3,)
 
 
 @pytest.mark.parametrize(

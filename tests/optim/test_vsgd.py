@@ -230,6 +230,76 @@ def test_state_dict_round_trip_continues_identically(impl):
     assert restored.state_dict()["param_groups"][0]["variance_ratio"] == 30.0
 
 
+def _corrupt(state_dict, how):
+    sd = copy.deepcopy(state_dict)
+    first = sd["state"][0]
+    if how == "shape":
+        first["mu"] = first["mu"][:-1]
+    elif how == "missing":
+        del first["b_g"]
+    elif how == "nan":
+        first["b_ghat"][0] = float("nan")
+    elif how == "negative":
+        first["b_g"][0] = -1.0
+    elif how == "step":
+        first["step"] = torch.tensor(2.5)
+    elif how == "extra":
+        sd["state"][99] = copy.deepcopy(first)
+    elif how == "groups":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    elif how == "layout":
+        sd = sd["state"]
+    return sd
+
+
+CORRUPTIONS = {
+    "shape": "'mu' of parameter 0 has shape",
+    "missing": "lacks \\['b_g'\\]",
+    "nan": "'b_ghat' of parameter 0 holds NaN",
+    "negative": "'b_g' of parameter 0 has negative",
+    "step": "not a step count",
+    "extra": "parameter 99, which no parameter group lists",
+    "groups": "saved parameter groups have sizes",
+    "layout": "keys 'state' and 'param_groups'",
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_corrupted_checkpoint_is_rejected_and_changes_nothing(how):
+    """A wrong-shaped state tensor would otherwise be read and written out of bounds by the
+    fused kernel at the next step; every corruption gives a ValueError naming the problem, and
+    the optimizer's state and parameters stay as they were."""
+    params, opt = _run(IMPLS["fused"] if cpu_kernel_available() else {}, steps=3)
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=CORRUPTIONS[how]):
+        opt.load_state_dict(_corrupt(opt.state_dict(), how))
+    after = opt.state_dict()
+    for pid, state in before["state"].items():
+        for k, v in state.items():
+            assert torch.equal(after["state"][pid][k], v), (pid, k)
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+
+
+def test_half_precision_state_survives_a_round_trip_in_float32():
+    """torch casts loaded state to the parameter's dtype; VSGD puts its float32 state of a
+    bfloat16 parameter back exactly, so a restored run continues bit for bit."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 16, dtype=torch.bfloat16))
+    opt = VSGD([p], lr=0.01)
+    for t in range(3):
+        p.grad = torch.full_like(p, 0.1 * (t + 1))
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    restored = VSGD([q], lr=0.01)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for k in ("mu", "b_g", "b_ghat"):
+        assert restored.state[q][k].dtype == torch.float32
+        assert torch.equal(restored.state[q][k], opt.state[p][k])
+    p.grad, q.grad = torch.full_like(p, 0.3), torch.full_like(q, 0.3)
+    opt.step(), restored.step()
+    assert torch.equal(p, q)
+
+
 def test_param_groups_behave_like_separate_optimizers():
     a1, b1 = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
     a2, b2 = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
