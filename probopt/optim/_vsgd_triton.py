@@ -46,6 +46,7 @@ def supports(param: Tensor, grad: Tensor, *state: Tensor) -> bool:
         and param.dtype in (torch.float32, torch.float64)
         and all(t.dtype == param.dtype and t.is_contiguous() for t in tensors)
         and all(t.device == param.device for t in tensors)
+        and all(t.shape == param.shape for t in tensors)  # the kernel trusts numel
     )
 
 
