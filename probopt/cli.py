@@ -208,6 +208,13 @@ def _build_parser() -> _Parser:
         "(vsgd=0.02,adamw=3e-3); default: each optimizer's documented default",
     )
     cmp_.add_argument(
+        "--schedule",
+        default="constant",
+        choices=("constant", "step", "cosine"),
+        help="learning-rate schedule, stepped every iteration: constant, step (halved after "
+        "each third, the VSGD paper's recipe) or cosine (to 0) (default: constant)",
+    )
+    cmp_.add_argument(
         "--estimator",
         default="uniform",
         metavar="NAME",
@@ -407,6 +414,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": ", ".join(map(str, seeds)),
         "epochs": epochs,
         "batch size": batch_size,
+        "schedule": args.schedule,
         "estimator": args.estimator,
         "device": str(device),
         "torch threads": torch.get_num_threads(),
@@ -420,6 +428,7 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds,
         "epochs": epochs,
         "batch_size": batch_size,
+        "schedule": args.schedule,
         "estimator": args.estimator,
         "device": device,
         "out": out,
@@ -476,6 +485,7 @@ def _run(plan: dict[str, Any], *, quiet: bool) -> int:
                     epochs=epochs,
                     batch_size=plan["batch_size"],
                     lr=plan["lrs"][name],
+                    schedule=plan["schedule"],
                     estimator=make_estimator(plan["estimator"]),
                     device=plan["device"],
                     callback=progress,

@@ -58,6 +58,15 @@ def test_quiet_has_no_progress_bar_and_lr_reaches_the_runs(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert {r["optimizer"]: r["lr"] for r in runs} == {"sgdm": 0.01, "adamw": 0.02}
+    assert {r["schedule"] for r in runs} == {"constant"}
+
+
+def test_schedule_reaches_the_runs_and_the_report(tmp_path):
+    out = tmp_path / "rep"
+    assert main(["compare", *TINY, "--out", str(out), "--quiet", "--schedule", "cosine"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["schedule"] for r in runs} == {"cosine"}
+    assert "- **schedule**: cosine" in (out / "report.md").read_text()
 
 
 def test_listings(capsys):
@@ -90,6 +99,7 @@ BAD = {
     "batch larger than the data": (["--dataset", "iris", "--batch-size", "1000"], "exceeds"),
     "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
     "zero threads": (["--threads", "0"], "expected a positive integer"),
+    "unknown schedule": (["--schedule", "linear"], "argument --schedule: invalid choice"),
 }
 
 

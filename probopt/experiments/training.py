@@ -66,7 +66,8 @@ class RunResult:
         dataset, network, optimizer, estimator: names.
         lr: the learning rate used.
         seed: the run's seed.
-        epochs, batch_size: the schedule.
+        epochs, batch_size: the budget.
+        schedule: the learning-rate schedule (:data:`SCHEDULES`).
         train_loss: mean cross-entropy on the whole training set (evaluation mode).
         test_loss: mean cross-entropy on the test set.
         test_accuracy: share of the test set classified correctly.
@@ -83,6 +84,7 @@ class RunResult:
     seed: int
     epochs: int
     batch_size: int
+    schedule: str = "constant"
     train_loss: list[float] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
@@ -152,6 +154,26 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, chunk: int = 4096) -> tu
     return total / n, correct / n
 
 
+#: Learning-rate schedules of :func:`train`, stepped every iteration: ``"constant"``; ``"step"``,
+#: halved after each third of the iterations (the VSGD paper's StepLR(γ = 0.5) recipe, see
+#: ``shared/notes/vsgd.md`` §5); ``"cosine"``, cosine annealing to 0 over the run.
+SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+
+
+def _scheduler(
+    opt: torch.optim.Optimizer, schedule: str, iterations: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The schedule over ``iterations`` steps (the factor stays at its last value after them)."""
+    if schedule == "constant" or iterations == 0:
+        return None
+    if schedule == "step":
+        third = max(-(-iterations // 3), 1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** min(t // third, 2))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t / iterations, 1.0)))
+    )
+
+
 def train(
     dataset: Dataset | str,
     optimizer: str = "sgdm",
@@ -161,6 +183,7 @@ def train(
     epochs: int = 20,
     batch_size: int = 64,
     lr: float | None = None,
+    schedule: str = "constant",
     estimator: GradientEstimator | str = "uniform",
     optimizer_kwargs: Mapping[str, Any] | None = None,
     network_kwargs: Mapping[str, Any] | None = None,
@@ -180,6 +203,7 @@ def train(
         epochs: passes over the training set (0 only evaluates the initial network).
         batch_size: minibatch size; the last incomplete minibatch of an epoch is dropped.
         lr: learning rate; ``None`` takes the optimizer's documented default.
+        schedule: learning-rate schedule, one of :data:`SCHEDULES` (stepped every iteration).
         estimator: a gradient estimator or its name (:func:`make_estimator`). An instance is
             set up afresh by this run.
         optimizer_kwargs: further optimizer settings.
@@ -200,6 +224,8 @@ def train(
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     device = torch.device(device)
     est = make_estimator(estimator) if isinstance(estimator, str) else estimator
@@ -214,6 +240,7 @@ def train(
         seed=seed,
         epochs=epochs,
         batch_size=batch_size,
+        schedule=schedule,
     )
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
@@ -222,6 +249,7 @@ def train(
     ).to(device)
     opt = make_optimizer(optimizer, model.parameters(), lr, **(optimizer_kwargs or {}))
     step_takes_loss = "loss" in inspect.signature(opt.step).parameters  # GradQueue's trend
+    sched = _scheduler(opt, schedule, epochs * (x_train.shape[0] // batch_size))
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -242,6 +270,8 @@ def train(
                 else:
                     opt.step()
                 est.after_step(model)
+                if sched is not None:
+                    sched.step()
                 losses.append(loss)
             result.epoch_time.append(time.perf_counter() - start)
             result.batch_loss.append(float(torch.stack(losses).mean()) if losses else math.nan)

@@ -129,6 +129,34 @@ def test_compare_pairs_optimizers_and_seeds(iris):
 def test_bad_epochs_raise():
     with pytest.raises(ValueError, match="epochs must be an integer >= 0, got -1"):
         train("iris", "sgdm", epochs=-1)
+    with pytest.raises(ValueError, match="schedule must be one of constant, step, cosine"):
+        train("iris", "sgdm", epochs=1, schedule="linear")
+
+
+@pytest.mark.parametrize("name", ["sgdm", "vsgd", "gq-sgdm"])
+@pytest.mark.parametrize("schedule, mid, end", [
+    ("constant", 1.0, 1.0), ("step", 0.5, 0.25), ("cosine", 0.5, 0.0),
+])  # fmt: skip
+def test_schedules_set_the_documented_learning_rate(iris, name, schedule, mid, end):
+    """iris, batch 30: 4 iterations per epoch, 6 epochs = 24 iterations. The rate seen by the
+    optimizer (for Grad Queue: its inner optimizer) after 3 epochs (12 iterations) and at the
+    end: constant; halved after each third (8, 16 iterations); cosine to 0 (half at mid-run)."""
+    if not is_available(name):
+        pytest.skip(f"{name} is not available")
+    seen = {}
+
+    def grab(model, opt, est):
+        seen["opt"] = opt
+
+    def at(run, epoch):
+        if epoch in (3, 6):
+            seen[epoch] = seen["opt"].param_groups[0]["lr"]
+
+    run = train(iris, name, network="logreg", epochs=6, batch_size=30, lr=0.1,
+                schedule=schedule, on_start=grab, callback=at)  # fmt: skip
+    assert iris.x_train.shape[0] // 30 == 4 and run.schedule == schedule
+    assert seen[3] == pytest.approx(0.1 * mid, abs=1e-12)
+    assert seen[6] == pytest.approx(0.1 * end, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
