@@ -181,9 +181,7 @@ def main(argv=None):
         for name, (_, sec) in runs.items():
             times[name].append(sec)
     cost = {
-        name: statistics.median(
-            runs[name][1] / runs["uniform"][1] for runs in results.values()
-        )
+        name: statistics.median(runs[name][1] / runs["uniform"][1] for runs in results.values())
         for name in estimators
     }
 

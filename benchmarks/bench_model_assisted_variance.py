@@ -185,12 +185,8 @@ def main(argv=None):
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
     elapsed = time.perf_counter() - t_start
-    best = {
-        key: min(variants, key=lambda v, r=res: r["ratio"][v]) for key, res in results.items()
-    }
-    hits = {
-        v: sum(res["ratio"][v] <= 0.3 for res in results.values()) for v in variants
-    }
+    best = {key: min(variants, key=lambda v, r=res: r["ratio"][v]) for key, res in results.items()}
+    hits = {v: sum(res["ratio"][v] <= 0.3 for res in results.values()) for v in variants}
     body = (
         f"MSE of each estimator to the full-data gradient relative to uniform minibatches (same "
         f"batches; lower is better); in brackets the time of a training step (forward, "

@@ -99,8 +99,9 @@ def test_cached_tables_keep_the_population_mean_exact():
         idx = torch.randperm(N, generator=gen)[:7]
         losses = torch.rand(7, generator=gen, dtype=torch.float64)
         aux.observe(idx, x[idx], y[idx], losses=losses)
-        torch.testing.assert_close(aux.population_mean, all_rows(aux, x, y).mean(0), atol=1e-12,
-                                   rtol=0)
+        torch.testing.assert_close(
+            aux.population_mean, all_rows(aux, x, y).mean(0), atol=1e-12, rtol=0
+        )
     # an observe without the needed values changes nothing
     old = aux.population_mean.clone()
     aux.observe(idx, x[idx], y[idx], grad_norms=torch.ones(7))
@@ -125,8 +126,7 @@ def test_cached_residual_is_softmax_minus_onehot_without_class0():
     aux.observe(idx, x[idx], y[idx], outputs=logits)
     delta = torch.softmax(logits, 1) - torch.nn.functional.one_hot(y[idx], C)
     torch.testing.assert_close(aux(x[idx], y[idx], idx)[:, 1:], delta[:, 1:], atol=1e-12, rtol=0)
-    torch.testing.assert_close(aux.population_mean, all_rows(aux, x, y).mean(0), atol=1e-12,
-                               rtol=0)
+    torch.testing.assert_close(aux.population_mean, all_rows(aux, x, y).mean(0), atol=1e-12, rtol=0)
 
 
 def test_grad_norm_table():
@@ -243,7 +243,9 @@ def test_gradient_factor_table_sums_are_exact():
     n_pop, d_in, d_out = 20, 4, 3
     static_x = torch.randn(n_pop, d_in, generator=g, dtype=torch.float64)
     tab = GradientFactorTable(
-        n_pop, {"a": (d_out, d_in), "b": (d_out, d_in)}, dtype=torch.float64,
+        n_pop,
+        {"a": (d_out, d_in), "b": (d_out, d_in)},
+        dtype=torch.float64,
         static_inputs={"b": static_x},
     )
     for _ in range(5):

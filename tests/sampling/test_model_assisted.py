@@ -78,8 +78,9 @@ def test_difference_estimator_is_exactly_unbiased_for_a_fixed_b(aux):
     est.setup(net, x, y)
     warm_up(est, net, x, y, 3)  # fills the cached tables; B is refit only at step 0
     g = torch.Generator().manual_seed(5)
-    est.linear_model.coef = torch.randn(est.auxiliary.dim, est.linear_model.p, generator=g,
-                                        dtype=torch.float64)
+    est.linear_model.coef = torch.randn(
+        est.auxiliary.dim, est.linear_model.p, generator=g, dtype=torch.float64
+    )
     estimates = enumerate_estimates(est, net, x, y, 3)
     # exact: the mean over all C(8, 3) equally likely samples is the full-data gradient
     torch.testing.assert_close(estimates.mean(0), full_gradient(net, x, y), atol=1e-12, rtol=0)
@@ -152,8 +153,9 @@ def test_cached_gradient_estimator_resync_and_non_sequential():
     list(est.epoch_batches(3))  # starts an epoch: exact recomputation
     for k in before:
         torch.testing.assert_close(est.table.sum_w[k], before[k], atol=1e-12, rtol=0)
-    conv = nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(),
-                         nn.Linear(4, 3)).double()
+    conv = nn.Sequential(
+        nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(4, 3)
+    ).double()
     with pytest.raises(ValueError, match="nn.Linear"):
         CachedGradientEstimator(params=None).setup(conv, x, y)
     est = CachedGradientEstimator()  # "linear": the dense layers only
@@ -223,8 +225,9 @@ def test_intercept_only_reproduces_the_plain_mean_exactly(make):
     ref_opt = torch.optim.AdamW(ref_net.parameters(), lr=0.05)
     for epoch in range(3):
         train_epoch(net, opt, est, ce, x, y, 4, generator=torch.Generator().manual_seed(epoch))
-        train_epoch(ref_net, ref_opt, uni, ce, x, y, 4,
-                    generator=torch.Generator().manual_seed(epoch))
+        train_epoch(
+            ref_net, ref_opt, uni, ce, x, y, 4, generator=torch.Generator().manual_seed(epoch)
+        )
     for p, q in zip(net.parameters(), ref_net.parameters()):
         assert torch.equal(p, q)  # bit for bit after 12 optimizer steps
 
@@ -268,8 +271,12 @@ def mse_ratio(est, net, x, y, n, batches=300, seed=0):
         # inputs x class explains most of the per-example gradient of a 2-d logistic regression
         # (shared/notes/model_assisted.md section 6.4 measured 0.14); with 300 batches the ratio's
         # Monte Carlo error is a few per cent, so 0.5 leaves a wide margin on both sides
-        (lambda: DifferenceEstimator(Product(ClassOneHot(), RawInputs()), params=None,
-                                     forgetting=1.0), 0.5),
+        (
+            lambda: DifferenceEstimator(
+                Product(ClassOneHot(), RawInputs()), params=None, forgetting=1.0
+            ),
+            0.5,
+        ),
         (lambda: GREGEstimator(Product(ClassOneHot(), RawInputs())), 0.5),
         (lambda: CachedGradientEstimator(), 0.5),
     ],
@@ -321,8 +328,9 @@ def test_func_and_hook_per_example_paths_agree():
 
 def test_non_dense_parameters_fall_back_to_torch_func():
     x, y, _ = tiny()
-    net = nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(),
-                        nn.Linear(4, 3)).double()
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(4, 3)
+    ).double()
     est = DifferenceEstimator("pca", k=2, params=None)
     est.setup(net, x, y)
     assert est._method == "func"
@@ -348,7 +356,6 @@ def test_non_dense_parameters_fall_back_to_torch_func():
 def test_validation(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
-
 
 
 def test_estimators_copy_without_the_model():
