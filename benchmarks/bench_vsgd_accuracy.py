@@ -36,6 +36,12 @@ LABELS = {"vsgd": "VSGD", "adamw": "AdamW", "sgdm": "SGD+momentum 0.9"}
 # learning rates: the documented default, 1/3 of it, and 3 and 10 times it (short budgets
 # favour large steps; VSGD's paper default, 0.1, is 10 times ours)
 LR_FACTORS = (1 / 3, 1.0, 3.0, 10.0)
+SCHEDULE_TEXT = {
+    "constant": "no schedule",
+    "step": "the learning rate halved after each third of the iterations, the VSGD paper's "
+    'StepLR recipe (`schedule="step"`)',
+    "cosine": 'cosine annealing of the learning rate to 0 (`schedule="cosine"`)',
+}
 # per dataset: CNN width, batch size and epochs, sized for ~1/4 hour in all on 2 cores
 SETTINGS = {
     "mnist5k": {"width": 8, "batch_size": 32, "epochs": 15},
@@ -43,8 +49,8 @@ SETTINGS = {
 }
 
 
-def lr_grid(name: str) -> list[float]:
-    return [float(f"{default_lr(name) * f:.2g}") for f in LR_FACTORS]
+def lr_grid(name: str, factors: tuple[float, ...] = LR_FACTORS) -> list[float]:
+    return [float(f"{default_lr(name) * f:.2g}") for f in factors]
 
 
 def _fmt(ms: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
@@ -54,7 +60,7 @@ def _fmt(ms: tuple[float, float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
 
 
-def run_dataset(name, optimizers, seeds, settings, lrs_of, log):
+def run_dataset(name, optimizers, seeds, settings, lrs_of, log, schedule="constant"):
     data = load_dataset(name)
     runs = []
     for opt in optimizers:
@@ -64,6 +70,7 @@ def run_dataset(name, optimizers, seeds, settings, lrs_of, log):
                 run = train(
                     data, opt, network="cnn", network_kwargs={"width": settings["width"]},
                     seed=seed, epochs=settings["epochs"], batch_size=settings["batch_size"], lr=lr,
+                    schedule=schedule,
                 )  # fmt: skip
                 runs.append(run)
                 log(
@@ -106,7 +113,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also save every run's curves here")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the docs")
+    parser.add_argument("--schedule", default="constant", choices=("constant", "step", "cosine"),
+                        help="learning-rate schedule of every run (section vsgd-accuracy for "
+                        "constant, vsgd-accuracy-<schedule> otherwise)")  # fmt: skip
+    parser.add_argument("--lr-factors", default=None,
+                        help="comma-separated multiples of each default lr (default: "
+                        f"{','.join(f'{f:.3g}' for f in LR_FACTORS)})")  # fmt: skip
     args = parser.parse_args()
+    factors = (
+        LR_FACTORS
+        if args.lr_factors is None
+        else tuple(float(f) for f in args.lr_factors.split(","))
+    )
     torch.set_num_threads(args.threads)
     optimizers = [o for o in args.optimizers.split(",") if o]
     missing = [o for o in optimizers if not is_available(o)]
@@ -114,7 +132,7 @@ def main() -> None:
         sys.exit(f"bench_vsgd_accuracy: not in this probopt: {', '.join(missing)}")
     datasets = [d for d in args.datasets.split(",") if d]
     seeds = list(range(1 if args.quick else args.seeds))
-    lrs_of = (lambda o: [default_lr(o)]) if args.quick else lr_grid
+    lrs_of = (lambda o: [default_lr(o)]) if args.quick else (lambda o: lr_grid(o, factors))
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -127,7 +145,7 @@ def main() -> None:
         settings = dict(SETTINGS[name])
         if args.quick or args.epochs is not None:
             settings["epochs"] = 1 if args.quick else args.epochs
-        data, runs = run_dataset(name, optimizers, seeds, settings, lrs_of, log)
+        data, runs = run_dataset(name, optimizers, seeds, settings, lrs_of, log, args.schedule)
         all_runs += runs
         table, best = dataset_table(name, runs, optimizers)
         n_epochs = settings["epochs"]
@@ -155,14 +173,15 @@ def main() -> None:
     body = "\n\n".join([
         "VSGD, AdamW and SGD with momentum 0.9 train the small CNN of "
         "`probopt.experiments.make_network(\"cnn\")` with the loop of `probopt compare` "
-        "(cross-entropy, shuffled minibatches, last incomplete batch dropped, no schedule, no "
-        f"augmentation). Learning rates: {lr_lines} (the second value is each optimizer's "
-        "documented default, `probopt optimizers`); other settings are the optimizers' defaults "
-        "(AdamW weight decay 0.01). Mean ± sd over seeds; runs that share a seed share the "
-        "initial weights and the minibatch order. ★ marks the learning rate with the best mean "
-        "final accuracy; a best learning rate at the end of the sweep (\"the largest tried\") "
-        "means the optimum may lie beyond it. *ms / epoch* is training time only (one torch "
-        "thread) and is noisy on a shared machine.",
+        "(cross-entropy, shuffled minibatches, last incomplete batch dropped, "
+        f"{SCHEDULE_TEXT[args.schedule]}, no augmentation). Learning rates: {lr_lines} (the "
+        "documented default of each optimizer, `probopt optimizers`, is among them); other "
+        "settings are the optimizers' defaults (AdamW weight decay 0.01). Mean ± sd over "
+        "seeds; runs that share a seed share the initial weights and the minibatch order. "
+        "★ marks the learning rate with the best mean final accuracy; a best learning rate at "
+        "the end of the sweep (\"the largest tried\") means the optimum may lie beyond it. "
+        "*ms / epoch* is training time only (one torch thread) and is noisy on a shared "
+        "machine.",
         "**Summary** (final test accuracy, %):\n\n" + markdown_table(
             ["dataset", "optimizer", "default lr", "best lr of the sweep"], summary_rows),
         *sections,
@@ -172,9 +191,11 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in all_runs], indent=1))
     if not (args.quick or args.no_write):
+        constant = args.schedule == "constant"
         write_section(
-            "vsgd-accuracy",
-            "VSGD vs AdamW vs SGD+momentum: test accuracy (MNIST-5k, mnist1d)",
+            "vsgd-accuracy" if constant else f"vsgd-accuracy-{args.schedule}",
+            "VSGD vs AdamW vs SGD+momentum: test accuracy (MNIST-5k, mnist1d)"
+            + ("" if constant else f", {args.schedule} learning-rate schedule"),
             body,
         )
 
