@@ -11,6 +11,8 @@ optimizer), :mod:`probopt.jax.grad_queue`      :mod:`probopt.models.grad_queue`
 :mod:`probopt.jax.estimators`                  :mod:`probopt.sampling.estimators`
 :mod:`probopt.jax.designs` (explicit keys)     :mod:`probopt.sampling.designs`
 :mod:`probopt.jax.models` (NumPyro)            :mod:`probopt.models` (Pyro)
+:func:`gradient_model`,                        :class:`probopt.optim.GradientModelOptimizer`
+:func:`scale_by_gradient_model`
 :func:`skip_nonfinite`                         ``nonfinite="skip"`` of the torch optimizers
 =============================================  ==============================================
 
@@ -36,19 +38,27 @@ from probopt.jax.constant_vsgd import (  # noqa: E402
     scale_by_constant_vsgd,
 )
 from probopt.jax.grad_queue import GradQueueState, grad_queue  # noqa: E402
+from probopt.jax.gradient_model import (  # noqa: E402
+    ScaleByGradientModelState,
+    gradient_model,
+    scale_by_gradient_model,
+)
 from probopt.jax.vsgd import JITTER, ScaleByVSGDState, scale_by_vsgd, vsgd  # noqa: E402
 
 __all__ = [
     "JITTER",
     "GradQueueState",
     "ScaleByConstantVSGDState",
+    "ScaleByGradientModelState",
     "ScaleByVSGDState",
     "SkipNonFiniteState",
     "constant_vsgd",
     "designs",
     "estimators",
     "grad_queue",
+    "gradient_model",
     "scale_by_constant_vsgd",
+    "scale_by_gradient_model",
     "scale_by_vsgd",
     "skip_nonfinite",
     "vsgd",
