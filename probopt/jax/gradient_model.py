@@ -341,9 +341,8 @@ def scale_by_gradient_model(
             rho = t.astype(old.dtype) ** -kappa_of(n)
             new_globals[n] = (old + rho * (fitted[n] - old)).astype(old.dtype)
         # 3. the posterior moments of the true gradient under (φ_t, λ_t)
-        fn = _guide_trace(guide, key_moments, {**local, **new_globals}, g_hat, prev, **kwargs)[
-            site
-        ]["fn"]
+        final = _guide_trace(guide, key_moments, {**local, **new_globals}, g_hat, prev, **kwargs)
+        fn = final[site]["fn"]
         try:
             m, v = fn.mean, fn.variance
         except NotImplementedError:
