@@ -159,6 +159,13 @@ class _Pending(NamedTuple):
     weights: Tensor  # (b,) float64 Hansen-Hurwitz loss weights
 
 
+def _check_batch_size(batch_size: int, n: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
+    if not 0 < batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+
+
 class ImportanceEstimator(GradientEstimator):
     r"""Importance-sampled minibatches from a table of stale gradient norms (Alain et al.).
 
@@ -301,10 +308,7 @@ SCORE_METHODS`): ``"auto"``/``"dense"`` from the training backward through the d
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[Tensor]:
         n = self.population_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
-        if not 0 < batch_size <= n:
-            raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+        _check_batch_size(batch_size, n)
         if self.sweep is None:
             self.sweep_size = batch_size // 2 if self.pool is None else 0
         if self.fixed_threshold is None:
@@ -518,10 +522,7 @@ class PresampleImportanceEstimator(GradientEstimator):
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[Tensor]:
         n = self.population_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
-        if not 0 < batch_size <= n:
-            raise ValueError(f"batch_size must be in [1, {n}], got {batch_size}")
+        _check_batch_size(batch_size, n)
         big_b = max(batch_size, round(self.presample * batch_size))
         if self.fixed_threshold is None:
             self.tau_condition.threshold = tau_threshold(big_b, batch_size)
